@@ -1,0 +1,239 @@
+"""`RestClient`: training runs, checkpoints and samplers (queries; no session needed).
+
+Also the pure parsing of checkpoint paths, `bios://<run_id>/weights/<name>` and
+`bios://<run_id>/sampler_weights/<name>` (run ids look like "<session_id>:train:<n>").
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+from bios import types
+from bios.futures import APIFuture
+
+if TYPE_CHECKING:
+    from bios.service_client import ServiceClient
+
+PATH_SCHEME = "bios://"
+CHECKPOINT_KINDS = ("weights", "sampler_weights")
+_PAGE = 100
+
+
+def parse_checkpoint_path(path: str) -> tuple[str, str, str]:
+    """Split "bios://<run_id>/<weights|sampler_weights>/<name>" into (run_id, kind, name).
+
+    Raises:
+        ValueError: the path does not have that form.
+    """
+    if not isinstance(path, str) or not path.startswith(PATH_SCHEME):
+        raise ValueError(f"checkpoint paths look like bios://<run_id>/weights/<name> or "
+                         f"bios://<run_id>/sampler_weights/<name>; got {path!r}")
+    parts = path[len(PATH_SCHEME):].split("/")
+    if len(parts) != 3 or not all(parts) or parts[1] not in CHECKPOINT_KINDS:
+        raise ValueError(f"checkpoint paths look like bios://<run_id>/weights/<name> or "
+                         f"bios://<run_id>/sampler_weights/<name>; got {path!r}")
+    return parts[0], parts[1], parts[2]
+
+
+def check_checkpoint_path(path: str) -> str:
+    """Return `path` if it is a well-formed checkpoint path, else raise ValueError."""
+    parse_checkpoint_path(path)
+    return path
+
+
+def _seg(value: str) -> str:
+    return quote(value, safe=":")
+
+
+class RestClient:
+    """Queries about runs, checkpoints and samplers (made by ServiceClient.create_rest_client).
+
+    Sync methods block and return the value; `_async` twins return it after one await.
+    """
+
+    def __init__(self, service: ServiceClient) -> None:
+        self._service = service
+
+    def _get(self, path: str, model: type[Any], params: dict[str, Any] | None = None
+             ) -> APIFuture[Any]:
+        return self._service._call(self._service._query("GET", path, model, params=params))
+
+    def _runs(self, limit: int, offset: int) -> APIFuture[types.TrainingRunsResponse]:
+        return self._get("/training_runs", types.TrainingRunsResponse,
+                         {"limit": limit, "offset": offset})
+
+    async def _all_run_ids(self) -> list[str]:
+        ids: list[str] = []
+        while True:
+            page = await self._service._query("GET", "/training_runs", types.TrainingRunsResponse,
+                                              params={"limit": _PAGE, "offset": len(ids)})
+            ids.extend(r.training_run_id for r in page.training_runs)
+            total = page.cursor.total_count if page.cursor else None
+            if len(page.training_runs) < _PAGE or (total is not None and len(ids) >= total):
+                return ids
+
+    def _run(self, training_run_id: str) -> APIFuture[types.TrainingRun]:
+        return self._get(f"/training_runs/{_seg(training_run_id)}", types.TrainingRun)
+
+    def _checkpoints(self, training_run_id: str) -> APIFuture[types.CheckpointsListResponse]:
+        return self._get(f"/training_runs/{_seg(training_run_id)}/checkpoints",
+                         types.CheckpointsListResponse)
+
+    def _delete(self, training_run_id: str, checkpoint_id: str) -> APIFuture[None]:
+        kind, _, name = checkpoint_id.partition("/")
+        if kind not in CHECKPOINT_KINDS or not name or "/" in name:
+            raise ValueError(f"checkpoint_id looks like 'weights/<name>' or "
+                             f"'sampler_weights/<name>'; got {checkpoint_id!r}")
+        path = f"/training_runs/{_seg(training_run_id)}/checkpoints/{kind}/{_seg(name)}"
+        return self._service._call(self._delete_coro(path))
+
+    async def _delete_coro(self, path: str) -> None:
+        await self._service._transport.request("DELETE", path)
+
+    def _delete_path(self, tinker_path: str) -> APIFuture[None]:
+        run_id, kind, name = parse_checkpoint_path(tinker_path)
+        return self._delete(run_id, f"{kind}/{name}")
+
+    def _weights_info(self, tinker_path: str) -> APIFuture[types.WeightsInfoResponse]:
+        return self._service._call(self._service._query(
+            "POST", "/weights_info", types.WeightsInfoResponse,
+            json_body={"tinker_path": check_checkpoint_path(tinker_path)}))
+
+    def _sampler(self, sampler_id: str) -> APIFuture[types.GetSamplerResponse]:
+        return self._get(f"/samplers/{_seg(sampler_id)}", types.GetSamplerResponse)
+
+    # ------------------------------------------------------------------ public API
+
+    def list_training_runs(self, limit: int = 20, offset: int = 0
+                           ) -> types.TrainingRunsResponse:
+        """One page of your training runs.
+
+        Args:
+            limit: runs per page.
+            offset: runs to skip.
+
+        Returns:
+            TrainingRunsResponse (`training_runs`, `cursor.total_count`).
+        """
+        return self._runs(limit, offset).result()
+
+    async def list_training_runs_async(self, limit: int = 20, offset: int = 0
+                                       ) -> types.TrainingRunsResponse:
+        """Async version of list_training_runs."""
+        return await self._runs(limit, offset)
+
+    def list_training_run_ids(self) -> list[str]:
+        """The ids of all your training runs (every page).
+
+        Returns:
+            Run ids, "<session_id>:train:<n>".
+        """
+        return self._service._call(self._all_run_ids()).result()
+
+    async def list_training_run_ids_async(self) -> list[str]:
+        """Async version of list_training_run_ids."""
+        return await self._service._call(self._all_run_ids())
+
+    def get_training_run(self, training_run_id: str) -> types.TrainingRun:
+        """One training run.
+
+        Args:
+            training_run_id: "<session_id>:train:<n>" (a TrainingClient's model_id).
+
+        Returns:
+            TrainingRun (base model, rank, last checkpoints, metadata).
+        """
+        return self._run(training_run_id).result()
+
+    async def get_training_run_async(self, training_run_id: str) -> types.TrainingRun:
+        """Async version of get_training_run."""
+        return await self._run(training_run_id)
+
+    def get_training_run_by_tinker_path(self, tinker_path: str) -> types.TrainingRun:
+        """The training run a checkpoint path belongs to.
+
+        Args:
+            tinker_path: "bios://<run_id>/weights/<name>" or ".../sampler_weights/<name>".
+
+        Returns:
+            TrainingRun.
+        """
+        return self._run(parse_checkpoint_path(tinker_path)[0]).result()
+
+    async def get_training_run_by_tinker_path_async(self, tinker_path: str
+                                                    ) -> types.TrainingRun:
+        """Async version of get_training_run_by_tinker_path."""
+        return await self._run(parse_checkpoint_path(tinker_path)[0])
+
+    def list_checkpoints(self, training_run_id: str) -> types.CheckpointsListResponse:
+        """The checkpoints of one run.
+
+        Args:
+            training_run_id: the run's id.
+
+        Returns:
+            CheckpointsListResponse (`checkpoints[i].tinker_path`, `.checkpoint_id`, ...).
+        """
+        return self._checkpoints(training_run_id).result()
+
+    async def list_checkpoints_async(self, training_run_id: str
+                                     ) -> types.CheckpointsListResponse:
+        """Async version of list_checkpoints."""
+        return await self._checkpoints(training_run_id)
+
+    def delete_checkpoint(self, training_run_id: str, checkpoint_id: str) -> None:
+        """Delete a checkpoint.
+
+        Args:
+            training_run_id: the run's id.
+            checkpoint_id: "weights/<name>" or "sampler_weights/<name>".
+        """
+        self._delete(training_run_id, checkpoint_id).result()
+
+    async def delete_checkpoint_async(self, training_run_id: str, checkpoint_id: str) -> None:
+        """Async version of delete_checkpoint."""
+        await self._delete(training_run_id, checkpoint_id)
+
+    def delete_checkpoint_from_tinker_path(self, tinker_path: str) -> None:
+        """Delete a checkpoint given its path.
+
+        Args:
+            tinker_path: "bios://<run_id>/weights/<name>" or ".../sampler_weights/<name>".
+        """
+        self._delete_path(tinker_path).result()
+
+    async def delete_checkpoint_from_tinker_path_async(self, tinker_path: str) -> None:
+        """Async version of delete_checkpoint_from_tinker_path."""
+        await self._delete_path(tinker_path)
+
+    def get_weights_info_by_tinker_path(self, tinker_path: str) -> types.WeightsInfoResponse:
+        """What a checkpoint was trained as (base model, LoRA rank, trained layers).
+
+        Args:
+            tinker_path: "bios://<run_id>/weights/<name>" or ".../sampler_weights/<name>".
+
+        Returns:
+            WeightsInfoResponse.
+        """
+        return self._weights_info(tinker_path).result()
+
+    async def get_weights_info_by_tinker_path_async(self, tinker_path: str
+                                                    ) -> types.WeightsInfoResponse:
+        """Async version of get_weights_info_by_tinker_path."""
+        return await self._weights_info(tinker_path)
+
+    def get_sampler(self, sampler_id: str) -> types.GetSamplerResponse:
+        """One sampler (a SamplingClient's sampling_session_id).
+
+        Args:
+            sampler_id: "<session_id>:sample:<n>".
+
+        Returns:
+            GetSamplerResponse (base_model, model_path).
+        """
+        return self._sampler(sampler_id).result()
+
+    async def get_sampler_async(self, sampler_id: str) -> types.GetSamplerResponse:
+        """Async version of get_sampler."""
+        return await self._sampler(sampler_id)

@@ -1,0 +1,255 @@
+"""HTTP: Tinker's `/api/v1` routes over `BiosService`. Routes are thin: parse, call, return.
+
+Submit routes are plain `def` (FastAPI runs them in its thread pool, since they do a short
+SQL transaction). `retrieve_future` is async and long-polls: it parks on an asyncio.Event that
+the clock thread sets when the request finishes, so no thread and no busy loop is held while a
+client waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
+from typing import Any
+
+from fastapi import FastAPI, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+
+from bios import types as T
+from bios.server.config import ServerConfig
+from bios.server.service import BiosService
+from bios.server.validation import APIError
+
+log = logging.getLogger("bios.server")
+LOCAL_OWNER = "local"
+
+
+class Waiters:
+    """request id -> events of the long-polls waiting for it; set from any thread."""
+
+    def __init__(self) -> None:
+        self._events: dict[str, set[asyncio.Event]] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def register(self, request_id: str) -> asyncio.Event:
+        ev = asyncio.Event()
+        self._events.setdefault(request_id, set()).add(ev)
+        return ev
+
+    def unregister(self, request_id: str, ev: asyncio.Event) -> None:
+        evs = self._events.get(request_id)
+        if evs is not None:
+            evs.discard(ev)
+            if not evs:
+                del self._events[request_id]
+
+    def _set(self, ids: list[str]) -> None:
+        for rid in ids:
+            for ev in self._events.get(rid, ()):
+                ev.set()
+
+    def notify_threadsafe(self, ids: list[str]) -> None:
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self._set, list(ids))
+
+
+def owner_of(request: Request) -> str:
+    """The tenant of a request. Local mode: one tenant for everyone."""
+    return LOCAL_OWNER
+
+
+def _error(status: int, detail: str, field: str | None = None, code: str | None = None,
+           headers: dict[str, str] | None = None) -> JSONResponse:
+    body = T.ErrorResponse(detail=detail, field=field, code=code).model_dump(exclude_none=True)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def create_app(config: ServerConfig, service: BiosService | None = None) -> FastAPI:
+    """Build the FastAPI app; the service starts (models load) in the app's lifespan."""
+    waiters = Waiters()
+    svc = service or BiosService(config, notify=waiters.notify_threadsafe)
+    svc.notify = waiters.notify_threadsafe
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        waiters.loop = asyncio.get_running_loop()
+        await run_in_threadpool(svc.start)
+        log.info("Bios ready on http://%s:%d (models: %s; clock period: %s)", config.host,
+                 config.port, ", ".join(svc.registry.names()),
+                 f"{config.clock_period}s" if config.clock_period else "continuous")
+        try:
+            yield
+        finally:
+            await run_in_threadpool(svc.stop)
+
+    app = FastAPI(title="Bios", version="0.1.0", lifespan=lifespan)
+    app.state.service = svc
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, e: APIError) -> JSONResponse:
+        headers = {"Retry-After": "1"} if e.status == 429 else None
+        return _error(e.status, e.detail, e.field, e.code, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        field = ".".join(loc) or None
+        msg = first.get("msg", "invalid request")
+        return _error(400, f"{field}: {msg}" if field else msg, field, "invalid_request")
+
+    @app.middleware("http")
+    async def _limit_body(request: Request, call_next: Callable[..., Any]) -> Any:
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > config.max_body_bytes:
+            return _error(413, f"request body of {size} bytes exceeds the limit of "
+                          f"{config.max_body_bytes}; send smaller batches", None, "too_large")
+        return await call_next(request)
+
+    def submit(kind: str, fn: Callable[[str, Any], Any]) -> Callable[[Request, Any], Any]:
+        """Wrap a submit call so a rejected request still fills its seq slot."""
+
+        def call(request: Request, body: Any) -> Any:
+            owner = owner_of(request)
+            try:
+                return fn(owner, body)
+            except APIError as e:
+                if 400 <= e.status < 500 and e.status not in (404, 409, 429):
+                    svc.reject(owner, getattr(body, "model_id", None),
+                               getattr(body, "seq_id", None), kind, e)
+                raise
+
+        return call
+
+    api = "/api/v1"
+
+    @app.get(f"{api}/healthz")
+    def healthz() -> dict[str, str]:
+        if not svc.ready:
+            raise APIError(503, "the server is still loading its models", None, "starting")
+        return {"status": "ok"}
+
+    @app.get(f"{api}/get_server_capabilities")
+    def capabilities() -> T.GetServerCapabilitiesResponse:
+        return svc.capabilities()
+
+    @app.post(f"{api}/client/config")
+    def client_config() -> dict[str, Any]:
+        return {"pjwt_auth_enabled": False, "parallel_fwdbwd_chunks": False}
+
+    @app.post(f"{api}/create_session")
+    def create_session(request: Request, body: T.CreateSessionRequest) -> T.CreateSessionResponse:
+        return svc.create_session(owner_of(request), body)
+
+    @app.post(f"{api}/session_heartbeat")
+    def heartbeat(request: Request, body: T.SessionHeartbeatRequest) -> dict[str, str]:
+        svc.heartbeat(owner_of(request), body.session_id)
+        return {"type": "session_heartbeat"}
+
+    @app.post(f"{api}/create_model")
+    def create_model(request: Request, body: T.CreateModelRequest) -> T.UntypedAPIFuture:
+        return svc.create_model(owner_of(request), body)
+
+    @app.post(f"{api}/get_info")
+    def get_info(request: Request, body: T.GetInfoRequest) -> T.GetInfoResponse:
+        return svc.get_info(owner_of(request), body.model_id)
+
+    fb = submit("forward_backward", svc.forward_backward)
+    fwd = submit("forward", svc.forward_backward)
+    opt = submit("optim_step", svc.optim_step)
+    save = submit("save_weights", svc.save_weights)
+    save_s = submit("save_weights_for_sampler", svc.save_weights_for_sampler)
+    load = submit("load_weights", svc.load_weights)
+
+    @app.post(f"{api}/forward_backward")
+    def forward_backward(request: Request, body: T.ForwardBackwardRequest) -> T.UntypedAPIFuture:
+        return fb(request, body)
+
+    @app.post(f"{api}/forward")
+    def forward(request: Request, body: T.ForwardRequest) -> T.UntypedAPIFuture:
+        return fwd(request, body)
+
+    @app.post(f"{api}/optim_step")
+    def optim_step(request: Request, body: T.OptimStepRequest) -> T.UntypedAPIFuture:
+        return opt(request, body)
+
+    @app.post(f"{api}/save_weights")
+    def save_weights(request: Request, body: T.SaveWeightsRequest) -> T.UntypedAPIFuture:
+        return save(request, body)
+
+    @app.post(f"{api}/save_weights_for_sampler")
+    def save_weights_for_sampler(request: Request,
+                                 body: T.SaveWeightsForSamplerRequest) -> T.UntypedAPIFuture:
+        return save_s(request, body)
+
+    @app.post(f"{api}/load_weights")
+    def load_weights(request: Request, body: T.LoadWeightsRequest) -> T.UntypedAPIFuture:
+        return load(request, body)
+
+    @app.post(f"{api}/weights_info")
+    def weights_info(request: Request, body: T.WeightsInfoRequest) -> T.WeightsInfoResponse:
+        return svc.weights_info(owner_of(request), body.tinker_path)
+
+    @app.post(f"{api}/retrieve_future")
+    async def retrieve_future(request: Request, body: T.FutureRetrieveRequest) -> Response:
+        owner = owner_of(request)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + config.long_poll_seconds
+        ev = waiters.register(body.request_id)  # before the first read: no lost wake-up
+        try:
+            while True:
+                state = await run_in_threadpool(svc.future_state, owner, body.request_id)
+                if isinstance(state, str):
+                    return Response(state, media_type="application/json")
+                if state is not None:
+                    return JSONResponse(state)
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return JSONResponse(T.TryAgainResponse(
+                        request_id=body.request_id, queue_state="active").model_dump())
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(ev.wait(), timeout=remaining)
+                ev.clear()
+        finally:
+            waiters.unregister(body.request_id, ev)
+
+    @app.get(f"{api}/training_runs")
+    def list_training_runs(request: Request, limit: int = Query(20, ge=1, le=1000),
+                           offset: int = Query(0, ge=0)) -> T.TrainingRunsResponse:
+        return svc.list_runs(owner_of(request), limit, offset)
+
+    @app.get(f"{api}/training_runs/{{run_id}}")
+    def get_training_run(request: Request, run_id: str) -> T.TrainingRun:
+        return svc.get_run(owner_of(request), run_id)
+
+    @app.get(f"{api}/training_runs/{{run_id}}/checkpoints")
+    def list_checkpoints(request: Request, run_id: str) -> T.CheckpointsListResponse:
+        return svc.list_checkpoints(owner_of(request), run_id)
+
+    @app.delete(f"{api}/training_runs/{{run_id}}/checkpoints/{{seg}}/{{name}}")
+    def delete_checkpoint(request: Request, run_id: str, seg: str, name: str) -> dict[str, str]:
+        svc.delete_checkpoint(owner_of(request), run_id, seg, name)
+        return {"status": "deleted"}
+
+    @app.post(f"{api}/create_sampling_session")
+    def create_sampling_session(request: Request, body: T.CreateSamplingSessionRequest
+                                ) -> T.CreateSamplingSessionResponse:
+        return svc.create_sampling_session(owner_of(request), body)
+
+    @app.post(f"{api}/asample")
+    def asample(request: Request, body: T.SampleRequest) -> T.UntypedAPIFuture:
+        return svc.sample(owner_of(request), body)
+
+    @app.get(f"{api}/samplers/{{sampler_id}}")
+    def get_sampler(request: Request, sampler_id: str) -> T.GetSamplerResponse:
+        return svc.get_sampler(owner_of(request), sampler_id)
+
+    @app.get(f"{api}/tokenizer")
+    def tokenizer(base_model: str) -> dict[str, Any]:
+        return svc.tokenizer_files(base_model)
+
+    return app

@@ -1,0 +1,52 @@
+"""Server configuration: one dataclass built at the edge (CLI or tests) and passed down."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+TINY_MODEL = "bios/tiny-llama"
+
+
+@dataclass
+class ServerConfig:
+    """Everything `bios serve` can be told.
+
+    models: registry names, local HF directories, or `alias=source` entries.
+    clock_period: seconds between clock cycles; 0 runs cycles back to back whenever work waits.
+    """
+
+    data_dir: Path = field(default_factory=lambda: Path(".bios"))
+    host: str = "127.0.0.1"
+    port: int = 8000
+    models: list[str] = field(default_factory=lambda: [DEFAULT_MODEL])
+    clock_period: float = 0.0
+    database_url: str | None = None  # default: SQLite file in data_dir
+    device: str | None = None  # None: CUDA when present, else CPU
+    token_budget: int | None = None  # tokens per batched pass; None: engine default for device
+    long_poll_seconds: float = 30.0  # how long retrieve_future holds a request open
+    max_body_bytes: int = 64 * 1024 * 1024
+    max_queued_per_run: int = 1024  # backpressure: requests queued but not yet run, per run
+    max_queued_total: int = 16384
+    max_tokens_per_request: int = 262_144
+    max_rank: int = 256
+    max_samples_per_request: int = 128
+    model_cache: Path | None = None  # default: data_dir/models; share one across servers
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir)
+        if self.clock_period < 0:
+            raise ValueError("clock_period must be >= 0 (0 = continuous cycles)")
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'bios.db').resolve()}"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.data_dir / "checkpoints"
+
+    @property
+    def model_cache_dir(self) -> Path:
+        return Path(self.model_cache) if self.model_cache else self.data_dir / "models"

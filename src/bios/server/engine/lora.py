@@ -1,0 +1,228 @@
+"""Multi-LoRA: each run's adapter weights, and the routing that lets many runs share one pass.
+
+`Adapter` owns one run's LoRA tensors (fp32 leaves, on the model's device) and their PEFT
+state-dict format. `LoRABatch` routes one batched pass: rows are contiguous per adapter, and
+`apply(key, x)` returns every row's scaled delta `x @ A @ B * alpha / rank` computed with two
+`torch.bmm` over the stacked adapters. The stacks are built from the adapters' own leaf tensors,
+so autograd sends each adapter's gradient into its own `.grad` (run isolation by construction).
+Nothing here knows about optimizers, losses or checkpoints on disk.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
+
+from bios.server.engine.model import ModelConfig
+from bios.server.plan import AdapterSpec
+
+ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
+
+
+def target_shapes(cfg: ModelConfig, spec: AdapterSpec) -> dict[str, tuple[int, int]]:
+    """key -> (in_features, out_features) for every module the spec trains, in a fixed order."""
+    h, m = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    attn = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h)}
+    mlp = {"gate_proj": (h, m), "up_proj": (h, m), "down_proj": (m, h)}
+    shapes: dict[str, tuple[int, int]] = {}
+    for i in range(cfg.num_layers):
+        if spec.train_attn:
+            shapes |= {f"layers.{i}.self_attn.{n}": s for n, s in attn.items()}
+        if spec.train_mlp:
+            shapes |= {f"layers.{i}.mlp.{n}": s for n, s in mlp.items()}
+    if spec.train_unembed:
+        shapes["lm_head"] = (h, cfg.vocab_size)
+    return shapes
+
+
+def peft_key(key: str) -> str:
+    """Our module key -> PEFT's module path ("layers.0.mlp.up_proj" -> "...model.layers...")."""
+    return "base_model.model." + (key if key == "lm_head" else "model." + key)
+
+
+def as_input(x: Tensor, weight: Tensor) -> Tensor:
+    """x in the weight's dtype, unless autocast is about to cast both (skip a round trip)."""
+    if x.dtype == weight.dtype or torch.is_autocast_enabled(x.device.type):
+        return x
+    return x.to(weight.dtype)
+
+
+@dataclass(eq=False)  # compared by identity: tensors have no truth value
+class Adapter:
+    """One run's LoRA weights: key -> (A (in, r), B (r, out)), fp32 leaves with requires_grad."""
+
+    spec: AdapterSpec
+    weights: dict[str, tuple[Tensor, Tensor]]
+
+    @property
+    def scaling(self) -> float:
+        return self.spec.alpha / self.spec.rank
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.weights.values()))[0].device
+
+    @classmethod
+    def init(cls, cfg: ModelConfig, spec: AdapterSpec, device: torch.device | str) -> Adapter:
+        """A ~ kaiming_uniform(a=sqrt(5)) over fan_in (as PEFT / microsoft LoRA), B = 0.
+
+        Drawn on the CPU from a generator seeded by spec.seed, so the same spec gives the same
+        adapter on any device.
+        """
+        if spec.rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {spec.rank}")
+        shapes = target_shapes(cfg, spec)
+        if not shapes:
+            raise ValueError("the adapter spec trains nothing (attn, mlp and unembed all off)")
+        gen = torch.Generator().manual_seed(spec.seed)
+        weights = {}
+        for key, (fan_in, fan_out) in shapes.items():
+            a = torch.empty(spec.rank, fan_in)  # nn.Linear(in, r).weight layout, as PEFT inits it
+            torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)
+            A = a.t().contiguous().to(device).requires_grad_()
+            B = torch.zeros(spec.rank, fan_out, device=device, requires_grad=True)
+            weights[key] = (A, B)
+        return cls(spec, weights)
+
+    def parameters(self) -> list[Tensor]:
+        """[A_0, B_0, A_1, B_1, ...] in target order (layers ascending, then lm_head)."""
+        return [t for pair in self.weights.values() for t in pair]
+
+    def peft_target_modules(self) -> list[str]:
+        return [
+            *(ATTN_TARGETS if self.spec.train_attn else ()),
+            *(MLP_TARGETS if self.spec.train_mlp else ()),
+            *(("lm_head",) if self.spec.train_unembed else ()),
+        ]
+
+    def peft_config(self, base_model: str) -> dict:
+        """adapter_config.json contents that peft's LoraConfig loads (unset fields: defaults)."""
+        return {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model,
+            "r": self.spec.rank,
+            "lora_alpha": self.spec.alpha,
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "target_modules": self.peft_target_modules(),
+            "fan_in_fan_out": False,
+            "use_rslora": False,
+            "inference_mode": True,
+        }
+
+    def to_peft_state_dict(self) -> dict[str, Tensor]:
+        """PEFT layout: lora_A.weight (r, in), lora_B.weight (out, r); detached CPU copies."""
+        sd = {}
+        for key, (A, B) in self.weights.items():
+            sd[peft_key(key) + ".lora_A.weight"] = A.detach().t().contiguous().cpu()
+            sd[peft_key(key) + ".lora_B.weight"] = B.detach().t().contiguous().cpu()
+        return sd
+
+    def load_peft_state_dict(self, sd: dict[str, Tensor]) -> None:
+        """Copy a PEFT state dict (as `to_peft_state_dict` writes) into our tensors in place."""
+        expected = {}
+        for key, (A, B) in self.weights.items():
+            expected[peft_key(key) + ".lora_A.weight"] = (A, (A.shape[1], A.shape[0]))
+            expected[peft_key(key) + ".lora_B.weight"] = (B, (B.shape[1], B.shape[0]))
+        missing = sorted(set(expected) - set(sd))
+        unexpected = sorted(set(sd) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f"LoRA state dict does not match the adapter (rank {self.spec.rank}, targets "
+                f"{self.peft_target_modules()}): missing {missing[:4]}, unexpected {unexpected[:4]}"
+            )
+        for name, (_, shape) in expected.items():
+            if tuple(sd[name].shape) != shape:
+                raise ValueError(f"{name}: shape {tuple(sd[name].shape)}, expected {shape}")
+        with torch.no_grad():
+            for name, (dst, _) in expected.items():
+                dst.copy_(sd[name].t())
+
+
+class LoRABatch:
+    """LoRA routing for one batched pass: adapter k owns rows [sum(rows[:k]), sum(rows[:k+1])).
+
+    Stacked weights are cached per key at first use. They are copies: build a new LoRABatch
+    after the adapters change (an optimizer step, a load), and build one per training pass
+    (a cached stack belongs to one autograd graph). Many no-grad sampling passes may share one.
+    """
+
+    def __init__(self, adapters: list[Adapter], rows: list[int], seq_len: int):
+        self.adapters, self.rows, self.seq_len = adapters, rows, seq_len
+        self.num_rows = sum(rows)
+        self.targets = set().union(*(a.weights for a in adapters))
+        self._stacks: dict[str, tuple[Tensor, Tensor]] = {}
+        if len(adapters) > 1:
+            device = adapters[0].device
+            self.max_rank = max(a.spec.rank for a in adapters)
+            self.equal_rows = len(set(rows)) == 1
+            # alpha / rank per adapter, (K, 1, 1)
+            self._scales = torch.tensor([a.scaling for a in adapters], device=device)[:, None, None]
+            # flat index, into the (K * max_rows) padded rows, of every real row in pass order
+            rmax = max(rows)
+            self._real_rows = torch.cat(
+                [k * rmax + torch.arange(n, device=device) for k, n in enumerate(rows)]
+            )
+
+    @classmethod
+    def build(cls, adapters: list[Adapter], rows_per_adapter: list[int], seq_len: int) -> LoRABatch:
+        """seq_len is the pass's padded length, kept for bookkeeping: `apply` routes by the
+        first dim only, so (rows, T, in), (rows, in) or a slice of T all work."""
+        if not adapters or len(adapters) != len(rows_per_adapter):
+            raise ValueError("need one row count per adapter, and at least one adapter")
+        if min(rows_per_adapter) < 1:
+            raise ValueError(f"every adapter needs at least one row: {rows_per_adapter}")
+        if len({a.device for a in adapters}) > 1:
+            raise ValueError("all adapters of a pass must be on one device")
+        return cls(list(adapters), list(rows_per_adapter), seq_len)
+
+    def _stack(self, key: str) -> tuple[Tensor, Tensor]:
+        """(A (K, in, rmax), B (K, rmax, out)), zero-padded ranks and zero missing targets."""
+        if key not in self._stacks:
+            r = self.max_rank
+            A0, B0 = next(a.weights[key] for a in self.adapters if key in a.weights)
+            As, Bs = [], []
+            for a in self.adapters:
+                if key in a.weights:
+                    A, B = a.weights[key]
+                    As.append(F.pad(A, (0, r - A.shape[1])))
+                    Bs.append(F.pad(B, (0, 0, 0, r - B.shape[0])))
+                else:
+                    As.append(A0.new_zeros(A0.shape[0], r))
+                    Bs.append(B0.new_zeros(r, B0.shape[1]))
+            self._stacks[key] = (torch.stack(As), torch.stack(Bs))
+        return self._stacks[key]
+
+    def apply(self, key: str, x: Tensor) -> Tensor | None:
+        """x (B, ..., in) -> scaled LoRA delta (B, ..., out), or None if no adapter targets key."""
+        if key not in self.targets:
+            return None
+        if x.shape[0] != self.num_rows:
+            raise ValueError(f"pass has {x.shape[0]} rows, LoRABatch routes {self.num_rows}")
+        if len(self.adapters) == 1:
+            adapter = self.adapters[0]
+            A, B = adapter.weights[key]
+            return ((as_input(x, A) @ A) * adapter.scaling) @ B
+
+        A, B = self._stack(key)
+        K, n_rows = len(self.adapters), x.shape[0]
+        xr = as_input(x, A).reshape(n_rows, -1, x.shape[-1])  # (rows, N, in)
+        N = xr.shape[1]
+        if self.equal_rows:
+            xk = xr.reshape(K, -1, xr.shape[-1])  # (K, rows_k * N, in): a view
+        else:
+            xk = pad_sequence(list(xr.split(self.rows)), batch_first=True)  # (K, rmax, N, in)
+            xk = xk.reshape(K, -1, xr.shape[-1])
+        h = torch.bmm(xk, A)  # (K, M, r)
+        y = torch.bmm(h * self._scales.to(h.dtype), B)  # (K, M, out)
+        if not self.equal_rows:
+            y = y.reshape(-1, N, y.shape[-1])[self._real_rows]  # (rows, N, out)
+        return y.reshape(*x.shape[:-1], y.shape[-1])

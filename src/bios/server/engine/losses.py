@@ -1,0 +1,166 @@
+"""Tinker's built-in losses, as pure functions over target-token logprobs.
+
+Owns: the loss formulas (token-level sums, no normalization: the client normalizes through
+`weights` / `advantages`), validation of `loss_fn_config` against
+`bios.types.LOSS_CONFIG_DEFAULTS` and of per-token loss inputs, and target logprobs from logits
+(in fp32). Knows nothing about models, adapters, batching or the wire.
+
+Notation (tinker-api.md section 4): `lp` = target logprobs under the current model, `q` =
+sampling logprobs (`loss_inputs["logprobs"]`), `A` = advantages, `r = exp(lp - q)`.
+Every loss below returns its per-token terms `[N]`; `datum_losses` sums them per datum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from bios.types import LOSS_CONFIG_DEFAULTS, LOSS_FNS, LOSS_INPUT_DTYPES, LOSS_REQUIRED_INPUTS
+
+LossInputs = Mapping[str, Tensor]  # key -> [N]: target_tokens int64, others fp32
+LossFn = Callable[[Tensor, LossInputs, Mapping[str, float]], Tensor]
+
+# ----------------------------------------------------------------------------- validation
+
+
+def resolve_loss_config(loss_fn: str, config: Mapping[str, float] | None) -> dict[str, float]:
+    """The loss's config with defaults filled in; unknown losses or keys raise ValueError."""
+    if loss_fn not in LOSS_FNS:
+        raise ValueError(f"unknown loss_fn {loss_fn!r}; expected one of {', '.join(LOSS_FNS)}")
+    defaults = LOSS_CONFIG_DEFAULTS[loss_fn]
+    config = dict(config or {})
+    unknown = sorted(set(config) - set(defaults))
+    if unknown:
+        allowed = ", ".join(defaults) or "none"
+        raise ValueError(
+            f"loss_fn_config keys {unknown} are not accepted by {loss_fn!r} (accepted: {allowed})"
+        )
+    resolved = {**defaults, **{k: float(v) for k, v in config.items()}}
+    if "clip_low_threshold" in resolved and (
+        resolved["clip_low_threshold"] > resolved["clip_high_threshold"]
+    ):
+        raise ValueError(
+            f"{loss_fn}: clip_low_threshold {resolved['clip_low_threshold']} is above "
+            f"clip_high_threshold {resolved['clip_high_threshold']}"
+        )
+    return resolved
+
+
+def datum_loss_inputs(
+    loss_fn: str, loss_inputs: Mapping[str, Sequence[float] | Sequence[int]], length: int
+) -> dict[str, Tensor]:
+    """One datum's loss inputs as tensors `[length]`, checked; raises ValueError on bad input.
+
+    Returns the loss's required inputs plus `weights` (ones when absent). Known inputs the loss
+    does not use (e.g. `weights` for the RL losses, which Tinker's formulas ignore) are checked
+    and dropped, so every datum of an op has the same keys.
+    """
+    unknown = sorted(set(loss_inputs) - set(LOSS_INPUT_DTYPES))
+    if unknown:
+        raise ValueError(f"unknown loss_fn_inputs {unknown}; known: {', '.join(LOSS_INPUT_DTYPES)}")
+    missing = [k for k in LOSS_REQUIRED_INPUTS[loss_fn] if k not in loss_inputs]
+    if missing:
+        raise ValueError(f"loss_fn {loss_fn!r} needs loss_fn_inputs {missing}")
+    out: dict[str, Tensor] = {}
+    for key, values in loss_inputs.items():
+        if len(values) != length:
+            raise ValueError(
+                f"loss_fn_inputs[{key!r}] has length {len(values)} but model_input has "
+                f"{length} tokens; every per-token input must match it"
+            )
+        dtype = torch.int64 if LOSS_INPUT_DTYPES[key] == "int64" else torch.float32
+        try:
+            tensor = torch.tensor(values, dtype=dtype).reshape(length)
+        except (TypeError, RuntimeError) as exc:
+            raise ValueError(f"loss_fn_inputs[{key!r}] must be a flat list of numbers") from exc
+        if dtype == torch.float32 and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"loss_fn_inputs[{key!r}] contains NaN or infinite values")
+        out[key] = tensor
+    if "weights" not in out:
+        out["weights"] = torch.ones(length, dtype=torch.float32)
+    return {k: out[k] for k in (*LOSS_REQUIRED_INPUTS[loss_fn], "weights")}
+
+
+def loss_token_count(loss_fn: str, inputs: LossInputs) -> int:
+    """Tokens that carry loss: nonzero `weights` (cross_entropy) or `advantages` (RL losses)."""
+    key = "weights" if loss_fn == "cross_entropy" else "advantages"
+    return int(torch.count_nonzero(inputs[key]))
+
+
+# ----------------------------------------------------------------------------- logprobs
+
+
+def target_logprobs(logits: Tensor, targets: Tensor, chunk_rows: int = 1024) -> Tensor:
+    """log softmax(logits)[target] in fp32: logits `[N, V]` (any float dtype), targets `[N]`.
+
+    Works in chunks of rows so the fp32 copy of the logits exists one chunk at a time (under
+    autograd the chunks are kept for backward anyway).
+    """
+    out = []
+    for start in range(0, logits.shape[0], chunk_rows):
+        chunk = logits[start : start + chunk_rows].float()  # [n, V]
+        picked = chunk.gather(-1, targets[start : start + chunk_rows, None]).squeeze(-1)  # [n]
+        out.append(picked - torch.logsumexp(chunk, dim=-1))
+    if not out:
+        return logits.new_zeros(0, dtype=torch.float32)
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def cross_entropy(lp: Tensor, inputs: LossInputs, config: Mapping[str, float]) -> Tensor:
+    """`-lp * weights`."""
+    return -lp * inputs["weights"]
+
+
+def importance_sampling(lp: Tensor, inputs: LossInputs, config: Mapping[str, float]) -> Tensor:
+    """`-exp(lp - q) * A`: REINFORCE with an importance weight for sampler/learner mismatch."""
+    return -torch.exp(lp - inputs["logprobs"]) * inputs["advantages"]
+
+
+def ppo(lp: Tensor, inputs: LossInputs, config: Mapping[str, float]) -> Tensor:
+    """`-min(r * A, clip(r, lo, hi) * A)`."""
+    ratio = torch.exp(lp - inputs["logprobs"])
+    adv = inputs["advantages"]
+    clipped = ratio.clamp(config["clip_low_threshold"], config["clip_high_threshold"])
+    return -torch.minimum(ratio * adv, clipped * adv)
+
+
+def cispo(lp: Tensor, inputs: LossInputs, config: Mapping[str, float]) -> Tensor:
+    """`-sg(clip(r, lo, hi)) * lp * A`: the detached clipped ratio weights the logprob."""
+    ratio = torch.exp(lp - inputs["logprobs"]).detach()
+    clipped = ratio.clamp(config["clip_low_threshold"], config["clip_high_threshold"])
+    return -clipped * lp * inputs["advantages"]
+
+
+def dro(lp: Tensor, inputs: LossInputs, config: Mapping[str, float]) -> Tensor:
+    """`-(lp * A - beta/2 * (lp - q)^2)`. Note the penalty applies to every token, A or not."""
+    penalty = 0.5 * config["beta"] * (lp - inputs["logprobs"]).square()
+    return -(lp * inputs["advantages"] - penalty)
+
+
+LOSSES: dict[str, LossFn] = {
+    "cross_entropy": cross_entropy,
+    "importance_sampling": importance_sampling,
+    "ppo": ppo,
+    "cispo": cispo,
+    "dro": dro,
+}
+
+
+def datum_losses(
+    loss_fn: str,
+    lp: Tensor,
+    inputs: LossInputs,
+    lengths: Sequence[int],
+    config: Mapping[str, float],
+) -> Tensor:
+    """Per-datum loss sums `[D]` for datums laid end to end in `lp` / `inputs` (`[N]`,
+    N = sum(lengths)). `config` must come from `resolve_loss_config`."""
+    terms = LOSSES[loss_fn](lp, inputs, config)  # [N]
+    counts = torch.tensor(lengths, dtype=torch.long, device=terms.device)
+    index = torch.repeat_interleave(torch.arange(len(lengths), device=terms.device), counts)
+    return terms.new_zeros(len(lengths)).index_add(0, index, terms)

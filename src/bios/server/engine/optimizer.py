@@ -1,0 +1,113 @@
+"""Per-run AdamW: moments and step count for one adapter, hyperparameters given per step.
+
+Owns: reading Tinker's `AdamParams` from a plan's `OptimStepOp.adam` dict, the update rule
+(exactly `torch.optim.AdamW`'s single-tensor path, decoupled weight decay included), global
+gradient-norm clipping, and the state as named tensors for checkpoints. It does not own the
+parameters or their gradients: callers pass the adapter's parameters (fixed order) to each call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from bios.types import AdamParams
+
+
+def adam_params(values: Mapping[str, float]) -> AdamParams:
+    """A plan's `OptimStepOp.adam` dict as validated `AdamParams` (missing keys take Tinker's
+    defaults); unknown keys or bad values raise ValueError."""
+    return AdamParams.model_validate(dict(values))
+
+
+def global_grad_norm(grads: Sequence[Tensor]) -> Tensor:
+    """L2 norm over all gradients, computed as `torch.nn.utils.clip_grad_norm_` does."""
+    if not grads:
+        return torch.zeros(())
+    norms = [torch.linalg.vector_norm(g) for g in grads]
+    return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
+
+
+class AdamW:
+    """AdamW moments (`exp_avg`, `exp_avg_sq`, fp32, like the parameters) and the step count."""
+
+    def __init__(self, params: Sequence[Tensor]) -> None:
+        self.exp_avg = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
+        self.exp_avg_sq = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
+        self.step_count = 0
+
+    @torch.no_grad()
+    def step(self, params: Sequence[Tensor], hp: AdamParams) -> dict[str, float]:
+        """One AdamW update from `p.grad` (None counts as a zero gradient, so a step with
+        nothing accumulated still decays the weights and moves them by the momentum, as
+        torch.optim.AdamW would with zero gradients). Gradients are left in place; the caller
+        zeros them. A non-finite gradient norm raises ValueError before anything changes."""
+        self._check_params(params)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        grad_norm = global_grad_norm(grads)
+        if not bool(torch.isfinite(grad_norm)):
+            raise ValueError(f"gradient norm is {float(grad_norm)}; the step was not applied")
+        if hp.grad_clip_norm > 0:
+            coef = torch.clamp(hp.grad_clip_norm / (grad_norm + 1e-6), max=1.0)
+            grads = [g * coef.to(g.device) for g in grads]
+
+        self.step_count += 1
+        step = self.step_count
+        lr, beta1, beta2 = hp.learning_rate, hp.beta1, hp.beta2
+        bias_correction1 = 1 - beta1**step
+        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+        step_size = lr / bias_correction1
+        # The single-tensor path of torch.optim.adam (decoupled_weight_decay=True), op for op.
+        for param, grad, exp_avg, exp_avg_sq in zip(
+            params, grads, self.exp_avg, self.exp_avg_sq, strict=True
+        ):
+            if hp.weight_decay != 0:
+                param.mul_(1 - lr * hp.weight_decay)
+            exp_avg.lerp_(grad, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(hp.eps)
+            param.addcdiv_(exp_avg, denom, value=-step_size)
+        return {"grad_norm": float(grad_norm), "learning_rate": lr}
+
+    # ------------------------------------------------------------------------- state
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """Named tensors for a checkpoint: `exp_avg.{i}`, `exp_avg_sq.{i}` (i = parameter
+        position) and `step` (a 0-d int64)."""
+        out: dict[str, Tensor] = {"step": torch.tensor(self.step_count, dtype=torch.int64)}
+        for i, (m, v) in enumerate(zip(self.exp_avg, self.exp_avg_sq, strict=True)):
+            out[f"exp_avg.{i}"] = m
+            out[f"exp_avg_sq.{i}"] = v
+        return out
+
+    @classmethod
+    def from_state_tensors(cls, state: Mapping[str, Tensor], params: Sequence[Tensor]) -> AdamW:
+        """Rebuild from `state_tensors()` output for `params`; a mismatch raises ValueError."""
+        names = ("exp_avg", "exp_avg_sq")
+        expected = {"step"} | {f"{k}.{i}" for i in range(len(params)) for k in names}
+        if set(state) != expected:
+            raise ValueError(
+                f"optimizer state does not fit this adapter: it has {len(state)} tensors, "
+                f"expected {len(expected)} (missing {sorted(expected - set(state))[:4]}, "
+                f"unexpected {sorted(set(state) - expected)[:4]})"
+            )
+        opt = cls(params)
+        for i, p in enumerate(params):
+            for name, dest in (("exp_avg", opt.exp_avg), ("exp_avg_sq", opt.exp_avg_sq)):
+                src = state[f"{name}.{i}"]
+                if src.shape != p.shape:
+                    raise ValueError(
+                        f"optimizer tensor {name}.{i} has shape {tuple(src.shape)}, "
+                        f"parameter has {tuple(p.shape)}"
+                    )
+                dest[i].copy_(src)
+        opt.step_count = int(state["step"])
+        return opt
+
+    def _check_params(self, params: Sequence[Tensor]) -> None:
+        if len(params) != len(self.exp_avg) or any(
+            p.shape != m.shape for p, m in zip(params, self.exp_avg, strict=True)
+        ):
+            raise RuntimeError("AdamW.step: parameters do not match the optimizer state")

@@ -1,0 +1,134 @@
+"""Choosing the next token from logits: greedy, temperature, top-k, top-p, and seeded draws.
+
+Pure tensor math over a batch of rows, each row with its own settings. It knows nothing about
+models, caches, requests or tokenizers (see sampler.py for those).
+
+Randomness: every sampled token costs its row exactly one uniform number in [0, 1), drawn by the
+caller from the row's own `random.Random` (see `row_rng`), and the token is found by inverse-CDF
+search over the row's (tempered, filtered) distribution. So a row's tokens depend only on its
+seed, its sample index and its logits, never on which other rows share the batch, and drawing
+64 rows' numbers is a 64-element list comprehension rather than 64 generator calls on the device.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class RowSampling:
+    """One row's settings. temperature 0 = greedy (argmax of the raw logits, exactly);
+    top_k <= 0 = no limit; top_p = 1.0 = no nucleus cut (top_p must be in (0, 1])."""
+
+    temperature: float = 1.0
+    top_k: int = -1
+    top_p: float = 1.0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+    @property
+    def filtered(self) -> bool:
+        return self.top_k > 0 or self.top_p < 1.0
+
+
+def row_rng(seed: int | None, sample_index: int) -> random.Random:
+    """The random stream of sample `sample_index` of a request.
+
+    With a seed, the stream is a pure function of (seed, sample_index), so the same request
+    sampled again gives the same tokens while its num_samples rows differ from each other.
+    Without one it is seeded from the OS.
+    """
+    if seed is None:
+        return random.Random()
+    return random.Random(f"bios-sample:{seed}:{sample_index}")  # str seeds hash with SHA-512
+
+
+def _inverse_cdf(probs: Tensor, uniforms: Tensor) -> Tensor:
+    """probs (n, V) unnormalized, uniforms (n,) float64 in [0, 1) -> column index (n,).
+
+    Picks the first column whose cumulative mass exceeds u * total, so a zero-probability
+    column is never picked. The cumulative sum runs in float64 so no mass is lost over a
+    large vocabulary.
+    """
+    cdf = probs.cumsum(dim=-1, dtype=torch.float64)
+    target = (uniforms * cdf[:, -1])[:, None]
+    picked = torch.searchsorted(cdf, target, right=True)[:, 0]
+    return picked.clamp_(max=probs.shape[1] - 1)
+
+
+class TokenChooser:
+    """The sampling settings of one batch of rows, pre-split by the math each row needs.
+
+    Built once per batch composition (rows joining or leaving), called once per decode step.
+    Rows fall in three groups: greedy (argmax), plain (softmax of logits / T) and filtered
+    (top-k and/or top-p over the tempered distribution, top-k applied first). Each group is one
+    vectorized computation; empty groups cost nothing, and a group of every row indexes nothing.
+    """
+
+    def __init__(self, rows: Sequence[RowSampling], device: torch.device | str):
+        self.num_rows = len(rows)
+        greedy = [i for i, r in enumerate(rows) if r.greedy]
+        plain = [i for i, r in enumerate(rows) if not r.greedy and not r.filtered]
+        filtered = [i for i, r in enumerate(rows) if not r.greedy and r.filtered]
+        self.greedy = self._selector(greedy, device)
+        self.plain = self._selector(plain, device)
+        self.filtered = self._selector(filtered, device)
+        self.plain_temp = self._temperatures([rows[i] for i in plain], device)
+        self.filtered_temp = self._temperatures([rows[i] for i in filtered], device)
+        self.top_p = torch.tensor([rows[i].top_p for i in filtered], device=device)
+        self.top_k_list = [rows[i].top_k for i in filtered]
+        self.top_k = torch.tensor(self.top_k_list, dtype=torch.long, device=device)
+
+    def _selector(self, rows: list[int], device: torch.device | str) -> Tensor | slice | None:
+        if not rows:
+            return None
+        if len(rows) == self.num_rows:
+            return slice(None)
+        return torch.tensor(rows, dtype=torch.long, device=device)
+
+    @staticmethod
+    def _temperatures(rows: list[RowSampling], device: torch.device | str) -> Tensor | None:
+        """(m, 1) divisors, or None when every row samples at temperature 1."""
+        if all(r.temperature == 1.0 for r in rows):
+            return None
+        return torch.tensor([r.temperature for r in rows], device=device)[:, None]
+
+    def __call__(self, logits: Tensor, uniforms: Tensor) -> Tensor:
+        """logits (n, V) raw, uniforms (n,) float64 -> chosen token ids (n,) long."""
+        if logits.shape[0] != self.num_rows:
+            raise ValueError(f"{logits.shape[0]} rows of logits for {self.num_rows} settings")
+        logits = logits.float()
+        tokens = torch.empty(self.num_rows, dtype=torch.long, device=logits.device)
+        if self.greedy is not None:
+            tokens[self.greedy] = logits[self.greedy].argmax(dim=-1)
+        if self.plain is not None:
+            scaled = logits[self.plain]
+            if self.plain_temp is not None:
+                scaled = scaled / self.plain_temp
+            probs = torch.softmax(scaled, dim=-1)
+            tokens[self.plain] = _inverse_cdf(probs, uniforms[self.plain])
+        if self.filtered is not None:
+            tokens[self.filtered] = self._filtered(logits[self.filtered], uniforms[self.filtered])
+        return tokens
+
+    def _filtered(self, logits: Tensor, uniforms: Tensor) -> Tensor:
+        vocab = logits.shape[1]
+        if self.filtered_temp is not None:
+            logits = logits / self.filtered_temp
+        # every row has a top_k: only the largest max(k) logits matter; else sort them all
+        k_max = vocab if min(self.top_k_list) <= 0 else min(max(self.top_k_list), vocab)
+        top, order = logits.topk(k_max, dim=-1, sorted=True)  # (m, k_max), descending
+        rank = torch.arange(k_max, device=logits.device)
+        k = torch.where(self.top_k > 0, self.top_k, vocab)
+        top = top.masked_fill(rank[None] >= k[:, None], float("-inf"))
+        probs = torch.softmax(top, dim=-1)  # renormalized over the top-k
+        mass_before = probs.cumsum(dim=-1) - probs
+        probs = probs * (mass_before < self.top_p[:, None])  # keeps at least the first token
+        return order.gather(1, _inverse_cdf(probs, uniforms)[:, None])[:, 0]

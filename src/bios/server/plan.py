@@ -1,0 +1,224 @@
+"""The scheduler -> engine boundary: a cycle's plan in, its results out, as plain data.
+
+Nothing here imports torch, SQL or HTTP. Fields are ids, token lists, floats and strings, so a
+plan can be pickled to an engine worker in another process (or on another machine) unchanged.
+
+A `CyclePlan` is an ordered list of steps. A step is either one `PassGroup` (forward /
+forward_backward ops of many runs, which the engine packs into batched passes under its token
+budget) or a single op that touches one run (create, optim_step, save, load, release). The
+scheduler guarantees that executing the steps in order respects each run's submission order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+# ----------------------------------------------------------------------------- adapters
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """A run's LoRA configuration. `alpha / rank` scales the adapter's output."""
+
+    rank: int
+    seed: int
+    alpha: float = 32.0
+    train_attn: bool = True
+    train_mlp: bool = True
+    train_unembed: bool = True
+
+
+# ----------------------------------------------------------------------------- ops
+
+
+@dataclass(frozen=True)
+class DatumRows:
+    """One datum: input tokens and per-token loss inputs, all of length len(tokens).
+
+    loss_inputs keys: "target_tokens" (ints), and optionally "weights", "advantages",
+    "logprobs" (floats). A missing "weights" means 1 for every position.
+    """
+
+    tokens: list[int]
+    loss_inputs: dict[str, list[float] | list[int]]
+
+
+@dataclass(frozen=True)
+class CreateAdapterOp:
+    request_id: str
+    run_id: str
+    spec: AdapterSpec
+    kind: Literal["create"] = "create"
+
+
+@dataclass(frozen=True)
+class ForwardBackwardOp:
+    """forward (forward_only=True, no gradients) or forward_backward (gradients accumulate)."""
+
+    request_id: str
+    run_id: str
+    data: list[DatumRows]
+    loss_fn: str
+    loss_config: dict[str, float]
+    forward_only: bool = False
+    kind: Literal["forward_backward"] = "forward_backward"
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(d.tokens) for d in self.data)
+
+
+@dataclass(frozen=True)
+class OptimStepOp:
+    """Apply the run's accumulated gradients with AdamW, then zero them.
+
+    adam: learning_rate, beta1, beta2, eps, weight_decay, grad_clip_norm.
+    """
+
+    request_id: str
+    run_id: str
+    adam: dict[str, float]
+    kind: Literal["optim_step"] = "optim_step"
+
+
+@dataclass(frozen=True)
+class SaveStateOp:
+    """Write the run's adapter to `directory` (created atomically by the engine).
+
+    what="training": adapter + optimizer state (resumable). what="sampler": adapter only, in
+    PEFT's format. base_model is written into adapter_config.json.
+    """
+
+    request_id: str
+    run_id: str
+    directory: str
+    what: Literal["training", "sampler"]
+    base_model: str
+    kind: Literal["save"] = "save"
+
+
+@dataclass(frozen=True)
+class LoadStateOp:
+    """Replace the run's adapter (and, with optimizer=True, its AdamW state) from `directory`."""
+
+    request_id: str
+    run_id: str
+    directory: str
+    optimizer: bool
+    kind: Literal["load"] = "load"
+
+
+@dataclass(frozen=True)
+class ReleaseAdapterOp:
+    """Free a run's adapter and optimizer state."""
+
+    request_id: str
+    run_id: str
+    kind: Literal["release"] = "release"
+
+
+SingleOp = CreateAdapterOp | OptimStepOp | SaveStateOp | LoadStateOp | ReleaseAdapterOp
+
+
+@dataclass(frozen=True)
+class PassGroup:
+    """forward/forward_backward ops of different runs (at most one op sequence per run, in
+    submission order) that may share batched passes."""
+
+    ops: list[ForwardBackwardOp]
+    kind: Literal["pass_group"] = "pass_group"
+
+
+Step = PassGroup | SingleOp
+
+
+@dataclass(frozen=True)
+class CyclePlan:
+    cycle_id: int
+    base_model: str
+    steps: list[Step] = field(default_factory=list)
+
+    @property
+    def num_ops(self) -> int:
+        return sum(len(s.ops) if isinstance(s, PassGroup) else 1 for s in self.steps)
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class OpResult:
+    """The outcome of one op. `result` is the JSON-able wire response (e.g. a
+    ForwardBackwardOutput dump); on failure `error` says what happened and `category` is
+    "user" (bad input: the SDK does not retry) or "server"."""
+
+    request_id: str
+    ok: bool
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    category: Literal["user", "server"] = "server"
+
+
+@dataclass(frozen=True)
+class CycleStats:
+    runs: int = 0  # distinct runs with work in the cycle
+    tokens: int = 0  # tokens through forward/backward passes
+    passes: int = 0  # batched model passes run
+    ops_by_kind: dict[str, int] = field(default_factory=dict)
+    engine_ms: float = 0.0  # wall time inside the engine
+
+
+@dataclass(frozen=True)
+class CycleResult:
+    cycle_id: int
+    results: list[OpResult]
+    stats: CycleStats = field(default_factory=CycleStats)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+@dataclass(frozen=True)
+class SampleOp:
+    """One sample request: `num_samples` continuations of `prompt` from one adapter snapshot.
+
+    adapter_key identifies an immutable snapshot (None = the bare base model); adapter_dir is
+    where its PEFT-format weights live, loaded on first use and cached by key.
+    stop_strings are checked on the decoded continuation; stop_tokens on token ids.
+    The result is a SampleResponse dump: sequences[i] = {tokens, logprobs, stop_reason}, plus
+    prompt_logprobs / topk_prompt_logprobs when asked.
+    """
+
+    request_id: str
+    adapter_key: str | None
+    adapter_dir: str | None
+    prompt: list[int]
+    num_samples: int
+    max_tokens: int
+    temperature: float = 1.0
+    top_k: int = -1
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_tokens: list[int] = field(default_factory=list)
+    stop_strings: list[str] = field(default_factory=list)
+    prompt_logprobs: bool = False
+    topk_prompt_logprobs: int = 0
+
+
+@dataclass(frozen=True)
+class SamplePlan:
+    """Admit new sample requests into the running decode batch, then run up to
+    `max_decode_steps` decode steps (fewer if every sequence finishes)."""
+
+    admit: list[SampleOp]
+    max_decode_steps: int
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    finished: list[OpResult]  # requests whose every sample is done
+    active: int  # requests still decoding after this plan
+    decode_steps: int = 0
+    tokens: int = 0  # tokens generated (all rows) during this plan
+    engine_ms: float = 0.0

@@ -1,0 +1,475 @@
+"""Durable state: sessions, training runs, requests (the futures), checkpoints, cycles.
+
+SQLAlchemy 2 over SQLite by default (WAL) or PostgreSQL. This module is the only place with
+SQL; it knows nothing about torch, HTTP or the engine. Every request is written here before its
+submit call returns, so "submitted" means "stored and ordered".
+
+Ordering: a training run's requests carry the client's `seq_id` (create is 0). The scheduler
+claims, per run, only the contiguous run of queued seq ids that starts at the run's `next_seq`,
+so a request whose predecessor has not arrived yet waits for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+QUEUED, RUNNING, COMPLETED, FAILED = "queued", "running", "completed", "failed"
+TERMINAL = (COMPLETED, FAILED)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class SessionRow(Base):
+    __tablename__ = "sessions"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(128), index=True)
+    tags: Mapped[str] = mapped_column(Text, default="[]")
+    user_metadata: Mapped[str] = mapped_column(Text, default="{}")
+    created_at: Mapped[float] = mapped_column(Float)
+    last_heartbeat: Mapped[float] = mapped_column(Float)
+
+
+class RunRow(Base):
+    __tablename__ = "training_runs"
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    session_id: Mapped[str] = mapped_column(String(64), ForeignKey("sessions.id"), index=True)
+    owner: Mapped[str] = mapped_column(String(128), index=True)
+    base_model: Mapped[str] = mapped_column(String(256))  # the name the user asked for
+    canonical_model: Mapped[str] = mapped_column(String(256), index=True)
+    rank: Mapped[int] = mapped_column(Integer)
+    seed: Mapped[int] = mapped_column(Integer)
+    alpha: Mapped[float] = mapped_column(Float)
+    train_attn: Mapped[bool] = mapped_column(Boolean)
+    train_mlp: Mapped[bool] = mapped_column(Boolean)
+    train_unembed: Mapped[bool] = mapped_column(Boolean)
+    user_metadata: Mapped[str] = mapped_column(Text, default="{}")
+    created_at: Mapped[float] = mapped_column(Float)
+    last_request_time: Mapped[float] = mapped_column(Float)
+    next_seq: Mapped[int] = mapped_column(Integer, default=0)  # next seq id the scheduler runs
+    # Set when the run's in-memory state is gone (server restarted); new work is refused.
+    lost_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class RequestRow(Base):
+    __tablename__ = "requests"
+    __table_args__ = (UniqueConstraint("run_id", "seq_id", name="uq_run_seq"),)
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(128), index=True)
+    run_id: Mapped[str | None] = mapped_column(String(128), index=True, nullable=True)
+    sampler_id: Mapped[str | None] = mapped_column(String(128), index=True, nullable=True)
+    seq_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    base_model: Mapped[str] = mapped_column(String(256), index=True)  # canonical
+    payload: Mapped[str] = mapped_column(Text)
+    payload_hash: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    result: Mapped[str | None] = mapped_column(Text, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    error_category: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    completed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    cycle_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+
+class CheckpointRow(Base):
+    __tablename__ = "checkpoints"
+    __table_args__ = (UniqueConstraint("run_id", "kind", "name", name="uq_ckpt"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(String(128), index=True)
+    owner: Mapped[str] = mapped_column(String(128), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # "training" | "sampler"
+    name: Mapped[str] = mapped_column(String(256))
+    directory: Mapped[str] = mapped_column(Text)
+    base_model: Mapped[str] = mapped_column(String(256))
+    size_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    public: Mapped[bool] = mapped_column(Boolean, default=False)
+    ephemeral: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class SamplerRow(Base):
+    __tablename__ = "samplers"
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    session_id: Mapped[str] = mapped_column(String(64), index=True)
+    owner: Mapped[str] = mapped_column(String(128), index=True)
+    base_model: Mapped[str] = mapped_column(String(256))
+    canonical_model: Mapped[str] = mapped_column(String(256))
+    model_path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    checkpoint_dir: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class CycleRow(Base):
+    __tablename__ = "cycles"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    base_model: Mapped[str] = mapped_column(String(256), index=True)
+    started_at: Mapped[float] = mapped_column(Float)
+    engine_ms: Mapped[float] = mapped_column(Float)
+    total_ms: Mapped[float] = mapped_column(Float)
+    runs: Mapped[int] = mapped_column(Integer)
+    ops: Mapped[int] = mapped_column(Integer)
+    tokens: Mapped[int] = mapped_column(Integer)
+    passes: Mapped[int] = mapped_column(Integer)
+
+
+# ----------------------------------------------------------------------------- plain records
+
+
+@dataclass(frozen=True)
+class ClaimedRequest:
+    """A request the scheduler took for a cycle, detached from the DB session."""
+
+    id: str
+    run_id: str | None
+    seq_id: int | None
+    kind: str
+    payload: dict[str, Any]
+
+
+def payload_digest(payload: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def new_request_id() -> str:
+    return "req-" + uuid.uuid4().hex
+
+
+class SeqConflictError(Exception):
+    """The (run, seq_id) slot already holds a different request."""
+
+
+class QueueFullError(Exception):
+    """Too many queued requests; carries the queue state for the 429 body."""
+
+    def __init__(self, message: str, queued: int, limit: int):
+        super().__init__(message)
+        self.queued = queued
+        self.limit = limit
+
+
+class Store:
+    """All durable state. Thread-safe: each method opens its own short transaction."""
+
+    def __init__(self, url: str):
+        kwargs: dict[str, Any] = {}
+        if url.startswith("sqlite"):
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        self.engine = create_engine(url, **kwargs)
+        if url.startswith("sqlite"):
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        Base.metadata.create_all(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def tx(self) -> Iterator[Session]:
+        with self._sessions.begin() as s:
+            yield s
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ------------------------------------------------------------------ sessions, runs
+
+    def create_session(self, owner: str, tags: list[str], user_metadata: dict | None) -> str:
+        sid = "s-" + uuid.uuid4().hex[:12]
+        now = time.time()
+        with self.tx() as s:
+            s.add(SessionRow(id=sid, owner=owner, tags=json.dumps(tags),
+                             user_metadata=json.dumps(user_metadata or {}),
+                             created_at=now, last_heartbeat=now))
+        return sid
+
+    def get_session(self, session_id: str) -> SessionRow | None:
+        with self.tx() as s:
+            return s.get(SessionRow, session_id)
+
+    def heartbeat(self, session_id: str) -> None:
+        with self.tx() as s:
+            s.execute(update(SessionRow).where(SessionRow.id == session_id)
+                      .values(last_heartbeat=time.time()))
+
+    def create_run(self, run: RunRow, create_payload: dict[str, Any]) -> str:
+        """Insert the run and its create request (seq 0); idempotent for a retried create."""
+        digest = payload_digest(create_payload)
+        with self.tx() as s:
+            existing = s.get(RunRow, run.id)
+            if existing is not None:
+                req = s.execute(select(RequestRow).where(RequestRow.run_id == run.id,
+                                                         RequestRow.seq_id == 0)).scalar_one()
+                if req.payload_hash != digest:
+                    raise SeqConflictError(
+                        f"model_seq_id of {run.id!r} was already used to create a different run; "
+                        "use a new model_seq_id")
+                return req.id
+            s.add(run)
+            rid = new_request_id()
+            s.add(RequestRow(id=rid, owner=run.owner, run_id=run.id, seq_id=0, kind="create",
+                             base_model=run.canonical_model, payload=json.dumps(create_payload),
+                             payload_hash=digest, status=QUEUED, created_at=time.time()))
+            return rid
+
+    def get_run(self, run_id: str) -> RunRow | None:
+        with self.tx() as s:
+            return s.get(RunRow, run_id)
+
+    def list_runs(self, owner: str, limit: int, offset: int) -> tuple[list[RunRow], int]:
+        with self.tx() as s:
+            total = s.execute(select(func.count()).select_from(RunRow)
+                              .where(RunRow.owner == owner)).scalar_one()
+            rows = s.execute(select(RunRow).where(RunRow.owner == owner)
+                             .order_by(RunRow.created_at.desc()).limit(limit)
+                             .offset(offset)).scalars().all()
+            return list(rows), int(total)
+
+    def mark_lost_runs(self, reason: str) -> int:
+        """After a restart: fail unfinished requests and mark runs whose state was in memory."""
+        now = time.time()
+        with self.tx() as s:
+            pending = s.execute(select(RequestRow.run_id).where(
+                RequestRow.status.in_([QUEUED, RUNNING]), RequestRow.run_id.is_not(None))
+            ).scalars().all()
+            s.execute(update(RequestRow).where(RequestRow.status.in_([QUEUED, RUNNING]))
+                      .values(status=FAILED, error=reason, error_category="server",
+                              completed_at=now))
+            s.execute(update(RunRow).where(RunRow.lost_reason.is_(None)).values(lost_reason=reason))
+            return len(set(pending))
+
+    # ------------------------------------------------------------------ requests
+
+    def submit(self, *, owner: str, run_id: str | None, seq_id: int | None, kind: str,
+               base_model: str, payload: dict[str, Any], sampler_id: str | None = None,
+               max_queued_per_run: int = 0, max_queued_total: int = 0) -> str:
+        """Store a request durably and return its id.
+
+        A retry of the same (run, seq_id) with the same payload returns the original id; a
+        different payload in an occupied slot raises SeqConflictError.
+        """
+        digest = payload_digest(payload)
+        with self.tx() as s:
+            if run_id is not None and seq_id is not None:
+                prior = s.execute(select(RequestRow).where(
+                    RequestRow.run_id == run_id, RequestRow.seq_id == seq_id)).scalar_one_or_none()
+                if prior is not None:
+                    if prior.payload_hash == digest:
+                        return prior.id
+                    raise SeqConflictError(
+                        f"seq_id {seq_id} of run {run_id!r} already holds a different request; "
+                        "seq_ids must be unique per run (the SDK assigns them)")
+            if sampler_id is not None and seq_id is not None:
+                prior = s.execute(select(RequestRow).where(
+                    RequestRow.sampler_id == sampler_id, RequestRow.seq_id == seq_id)
+                ).scalar_one_or_none()
+                if prior is not None:
+                    if prior.payload_hash == digest:
+                        return prior.id
+                    raise SeqConflictError(
+                        f"seq_id {seq_id} of sampler {sampler_id!r} already holds a different "
+                        "request")
+            if max_queued_total:
+                queued = s.execute(select(func.count()).select_from(RequestRow)
+                                   .where(RequestRow.status == QUEUED)).scalar_one()
+                if queued >= max_queued_total:
+                    raise QueueFullError("the server's queue is full", queued, max_queued_total)
+            if max_queued_per_run and run_id is not None:
+                queued = s.execute(select(func.count()).select_from(RequestRow).where(
+                    RequestRow.run_id == run_id, RequestRow.status == QUEUED)).scalar_one()
+                if queued >= max_queued_per_run:
+                    raise QueueFullError(f"run {run_id!r} has {queued} queued requests",
+                                         queued, max_queued_per_run)
+            rid = new_request_id()
+            s.add(RequestRow(id=rid, owner=owner, run_id=run_id, sampler_id=sampler_id,
+                             seq_id=seq_id, kind=kind, base_model=base_model,
+                             payload=json.dumps(payload), payload_hash=digest, status=QUEUED,
+                             created_at=time.time()))
+            if run_id is not None:
+                s.execute(update(RunRow).where(RunRow.id == run_id)
+                          .values(last_request_time=time.time()))
+            try:
+                s.flush()
+            except IntegrityError as e:  # a concurrent retry won the slot
+                raise SeqConflictError(f"seq_id {seq_id} of run {run_id!r} is taken") from e
+            return rid
+
+    def record_rejected(self, *, owner: str, run_id: str, seq_id: int, kind: str,
+                        base_model: str, error: str) -> None:
+        """Fill a run's seq slot with a failed request so later seq ids do not wait for it."""
+        with self.tx() as s:
+            prior = s.execute(select(RequestRow.id).where(
+                RequestRow.run_id == run_id, RequestRow.seq_id == seq_id)).scalar_one_or_none()
+            if prior is not None:
+                return
+            now = time.time()
+            s.add(RequestRow(id=new_request_id(), owner=owner, run_id=run_id, seq_id=seq_id,
+                             kind=kind, base_model=base_model, payload="{}",
+                             payload_hash="rejected", status=FAILED, error=error,
+                             error_category="user", created_at=now, completed_at=now))
+
+    def get_request(self, request_id: str) -> RequestRow | None:
+        with self.tx() as s:
+            return s.get(RequestRow, request_id)
+
+    def has_queued(self, base_model: str) -> bool:
+        with self.tx() as s:
+            return s.execute(select(RequestRow.id).where(
+                RequestRow.base_model == base_model, RequestRow.status == QUEUED,
+                RequestRow.run_id.is_not(None)).limit(1)).first() is not None
+
+    def has_queued_samples(self, base_model: str) -> bool:
+        with self.tx() as s:
+            return s.execute(select(RequestRow.id).where(
+                RequestRow.base_model == base_model, RequestRow.status == QUEUED,
+                RequestRow.kind == "sample").limit(1)).first() is not None
+
+    def claim_cycle(self, base_model: str, cutoff: float) -> list[ClaimedRequest]:
+        """Take every request of this base model that is runnable now, in per-run seq order.
+
+        Per run: queued requests created at or before `cutoff`, contiguous from `next_seq`
+        (slots already failed at submit are skipped). They become RUNNING and the run's
+        `next_seq` moves past them.
+        """
+        claimed: list[ClaimedRequest] = []
+        now = time.time()
+        with self.tx() as s:
+            rows = s.execute(
+                select(RequestRow, RunRow.next_seq)
+                .join(RunRow, RunRow.id == RequestRow.run_id)
+                .where(RequestRow.base_model == base_model, RequestRow.status == QUEUED,
+                       RequestRow.created_at <= cutoff)
+                .order_by(RequestRow.run_id, RequestRow.seq_id)).all()
+            runs = sorted({r.RequestRow.run_id for r in rows})
+            for run_id in runs:
+                run = s.get(RunRow, run_id)
+                assert run is not None
+                # All rows at or past next_seq, terminal ones included, to walk the sequence.
+                seq_rows = s.execute(select(RequestRow).where(
+                    RequestRow.run_id == run_id, RequestRow.seq_id >= run.next_seq)
+                    .order_by(RequestRow.seq_id)).scalars().all()
+                expected = run.next_seq
+                for req in seq_rows:
+                    if req.seq_id != expected:
+                        break  # a gap: the predecessor has not arrived yet
+                    if req.status in TERMINAL:
+                        expected += 1
+                        continue
+                    if req.status != QUEUED or req.created_at > cutoff:
+                        break
+                    req.status = RUNNING
+                    req.started_at = now
+                    claimed.append(ClaimedRequest(req.id, req.run_id, req.seq_id, req.kind,
+                                                  json.loads(req.payload)))
+                    expected += 1
+                run.next_seq = expected
+        return claimed
+
+    def claim_samples(self, base_model: str, limit: int) -> list[ClaimedRequest]:
+        """Take up to `limit` queued sample requests of this base model, oldest first."""
+        now = time.time()
+        with self.tx() as s:
+            rows = s.execute(select(RequestRow).where(
+                RequestRow.base_model == base_model, RequestRow.status == QUEUED,
+                RequestRow.kind == "sample").order_by(RequestRow.created_at)
+                .limit(limit)).scalars().all()
+            out = []
+            for req in rows:
+                req.status = RUNNING
+                req.started_at = now
+                out.append(ClaimedRequest(req.id, None, req.seq_id, req.kind,
+                                          json.loads(req.payload)))
+            return out
+
+    def finish(self, request_id: str, *, result: dict[str, Any] | None = None,
+               error: str | None = None, category: str | None = None,
+               cycle_id: int | None = None) -> None:
+        with self.tx() as s:
+            s.execute(update(RequestRow).where(RequestRow.id == request_id).values(
+                status=COMPLETED if error is None else FAILED,
+                result=json.dumps(result) if result is not None else None,
+                error=error, error_category=category, completed_at=time.time(),
+                cycle_id=cycle_id))
+
+    def record_cycle(self, base_model: str, started_at: float, engine_ms: float,
+                     total_ms: float, runs: int, ops: int, tokens: int, passes: int) -> int:
+        with self.tx() as s:
+            row = CycleRow(base_model=base_model, started_at=started_at, engine_ms=engine_ms,
+                           total_ms=total_ms, runs=runs, ops=ops, tokens=tokens, passes=passes)
+            s.add(row)
+            s.flush()
+            return row.id
+
+    def next_cycle_id(self) -> int:
+        with self.tx() as s:
+            return int(s.execute(select(func.coalesce(func.max(CycleRow.id), 0))).scalar_one()) + 1
+
+    # ------------------------------------------------------------------ checkpoints, samplers
+
+    def add_checkpoint(self, row: CheckpointRow) -> None:
+        with self.tx() as s:
+            old = s.execute(select(CheckpointRow).where(
+                CheckpointRow.run_id == row.run_id, CheckpointRow.kind == row.kind,
+                CheckpointRow.name == row.name)).scalar_one_or_none()
+            if old is not None:
+                s.delete(old)
+                s.flush()
+            s.add(row)
+
+    def get_checkpoint(self, run_id: str, kind: str, name: str) -> CheckpointRow | None:
+        with self.tx() as s:
+            return s.execute(select(CheckpointRow).where(
+                CheckpointRow.run_id == run_id, CheckpointRow.kind == kind,
+                CheckpointRow.name == name)).scalar_one_or_none()
+
+    def list_checkpoints(self, run_id: str) -> list[CheckpointRow]:
+        with self.tx() as s:
+            return list(s.execute(select(CheckpointRow).where(
+                CheckpointRow.run_id == run_id, CheckpointRow.ephemeral.is_(False))
+                .order_by(CheckpointRow.created_at)).scalars().all())
+
+    def delete_checkpoint(self, ckpt_id: int) -> None:
+        with self.tx() as s:
+            row = s.get(CheckpointRow, ckpt_id)
+            if row is not None:
+                s.delete(row)
+
+    def add_sampler(self, row: SamplerRow) -> None:
+        with self.tx() as s:
+            if s.get(SamplerRow, row.id) is None:
+                s.add(row)
+
+    def get_sampler(self, sampler_id: str) -> SamplerRow | None:
+        with self.tx() as s:
+            return s.get(SamplerRow, sampler_id)
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()

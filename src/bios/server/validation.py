@@ -1,0 +1,182 @@
+"""Submit-time checks: reject bad input with a 400 that names the field and the fix.
+
+Pure functions over wire types and a model's limits; no torch, no SQL. Anything the engine
+would choke on (token ids outside the vocabulary, mismatched lengths, NaNs, unknown loss keys)
+is caught here, before the request is queued, so it can never fail another run's cycle.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from bios import types as T
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+PATH_RE = re.compile(r"^(?:bios|tinker)://([^/]+)/(weights|sampler_weights)/([^/]+)$")
+
+
+class APIError(Exception):
+    """An error for the client: HTTP status, what is wrong and how to fix it, which field."""
+
+    def __init__(self, status: int, detail: str, field: str | None = None,
+                 code: str | None = None):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.field = field
+        self.code = code
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    vocab_size: int
+    context_length: int
+
+
+def check_name(name: str, field: str) -> str:
+    if not NAME_RE.match(name or "") or ".." in name:
+        raise APIError(400, f"{field} {name!r} is not a valid checkpoint name: use 1-128 letters, "
+                       "digits, '.', '_' or '-', starting with a letter or digit", field)
+    return name
+
+
+def parse_checkpoint_path(path: str, field: str = "path") -> tuple[str, str, str]:
+    """`bios://<run>/weights/<name>` -> (run_id, kind "training"|"sampler", name)."""
+    m = PATH_RE.match(path or "")
+    if not m:
+        raise APIError(400, f"{field} {path!r} is not a checkpoint path; expected "
+                       "bios://<run_id>/weights/<name> or bios://<run_id>/sampler_weights/<name>",
+                       field)
+    run_id, kind, name = m.groups()
+    check_name(name, field)
+    return run_id, "training" if kind == "weights" else "sampler", name
+
+
+def check_lora_config(cfg: T.LoraConfig, max_rank: int) -> None:
+    if not 1 <= cfg.rank <= max_rank:
+        raise APIError(400, f"lora_config.rank must be between 1 and {max_rank}, got {cfg.rank}",
+                       "lora_config.rank")
+    if not (cfg.train_attn or cfg.train_mlp or cfg.train_unembed):
+        raise APIError(400, "at least one of train_attn, train_mlp, train_unembed must be true",
+                       "lora_config")
+
+
+def check_forward_backward(inp: T.ForwardBackwardInput, limits: ModelLimits, max_tokens: int,
+                           prefix: str = "forward_backward_input") -> int:
+    """Validate a forward/forward_backward batch; return its token count."""
+    if not inp.data:
+        raise APIError(400, "data is empty: pass at least one Datum", f"{prefix}.data")
+    allowed = T.LOSS_CONFIG_DEFAULTS[inp.loss_fn]
+    for key, value in (inp.loss_fn_config or {}).items():
+        if key not in allowed:
+            ok = ", ".join(allowed) or "none"
+            raise APIError(400, f"loss_fn_config key {key!r} is not used by {inp.loss_fn!r} "
+                           f"(accepted keys: {ok})", f"{prefix}.loss_fn_config.{key}")
+        if not math.isfinite(value):
+            raise APIError(400, f"loss_fn_config.{key} must be finite, got {value}",
+                           f"{prefix}.loss_fn_config.{key}")
+    total = 0
+    vocab = limits.vocab_size
+    for i, d in enumerate(inp.data):
+        where = f"{prefix}.data[{i}]"
+        tokens = d.model_input.to_ints()
+        n = len(tokens)
+        if n == 0:
+            raise APIError(400, "model_input is empty", f"{where}.model_input")
+        if n > limits.context_length:
+            raise APIError(400, f"model_input has {n} tokens, more than the model's context "
+                           f"length {limits.context_length}; truncate it", f"{where}.model_input")
+        bad = next((t for t in tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"token id {bad} is outside the vocabulary [0, {vocab})",
+                           f"{where}.model_input")
+        for key in T.LOSS_REQUIRED_INPUTS[inp.loss_fn]:
+            if key not in d.loss_fn_inputs:
+                need = ", ".join(T.LOSS_REQUIRED_INPUTS[inp.loss_fn])
+                raise APIError(400, f"loss_fn_inputs[{key!r}] is missing; {inp.loss_fn!r} needs "
+                               f"{need}", f"{where}.loss_fn_inputs.{key}")
+        for key, td in d.loss_fn_inputs.items():
+            field = f"{where}.loss_fn_inputs.{key}"
+            want = T.LOSS_INPUT_DTYPES.get(key)
+            if want is None:
+                raise APIError(400, f"unknown loss_fn_inputs key {key!r}; known keys: "
+                               f"{', '.join(T.LOSS_INPUT_DTYPES)}", field)
+            if td.dtype != want:
+                raise APIError(400, f"{key} must have dtype {want}, got {td.dtype}", field)
+            if len(td.data) != n:
+                raise APIError(400, f"{key} has {len(td.data)} values but model_input has {n} "
+                               "tokens; every per-token input must match model_input's length "
+                               "(input = sequence[:-1], target_tokens = sequence[1:])", field)
+            if td.shape is not None and math.prod(td.shape) != len(td.data):
+                raise APIError(400, f"{key}: shape {td.shape} does not match {len(td.data)} "
+                               "values", field)
+            if want == "float32":
+                if not all(math.isfinite(float(v)) for v in td.data):
+                    raise APIError(400, f"{key} contains NaN or infinite values", field)
+            elif key == "target_tokens":
+                bad = next((int(t) for t in td.data if not 0 <= int(t) < vocab), None)
+                if bad is not None:
+                    raise APIError(400, f"target token id {bad} is outside the vocabulary "
+                                   f"[0, {vocab})", field)
+        total += n
+    if total > max_tokens:
+        raise APIError(413, f"the batch has {total} tokens, more than this server's limit of "
+                       f"{max_tokens} per request; split it into several forward_backward calls",
+                       f"{prefix}.data")
+    return total
+
+
+def check_sample(req: T.SampleRequest, limits: ModelLimits, max_samples: int) -> dict:
+    """Validate a sample request; return the SampleOp fields (without ids/adapter)."""
+    sp = req.sampling_params
+    prompt = req.prompt.to_ints()
+    vocab = limits.vocab_size
+    if not prompt:
+        raise APIError(400, "prompt is empty", "prompt")
+    bad = next((t for t in prompt if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise APIError(400, f"token id {bad} is outside the vocabulary [0, {vocab})", "prompt")
+    if not 1 <= req.num_samples <= max_samples:
+        raise APIError(400, f"num_samples must be between 1 and {max_samples}, got "
+                       f"{req.num_samples}", "num_samples")
+    if sp.max_tokens is None or sp.max_tokens < 1:
+        raise APIError(400, "sampling_params.max_tokens must be set to a positive number of "
+                       "tokens to generate", "sampling_params.max_tokens")
+    if len(prompt) + sp.max_tokens > limits.context_length:
+        raise APIError(400, "Prompt length plus max_tokens exceeds the model's context window: "
+                       f"{len(prompt)} + {sp.max_tokens} > {limits.context_length}; shorten the "
+                       "prompt or lower max_tokens", "sampling_params.max_tokens")
+    if not (math.isfinite(sp.temperature) and sp.temperature >= 0):
+        raise APIError(400, "temperature must be a finite number >= 0 (0 = greedy)",
+                       "sampling_params.temperature")
+    if sp.top_k != -1 and sp.top_k < 1:
+        raise APIError(400, "top_k must be -1 (no limit) or >= 1", "sampling_params.top_k")
+    if not (math.isfinite(sp.top_p) and 0 < sp.top_p <= 1):
+        raise APIError(400, "top_p must be in (0, 1]", "sampling_params.top_p")
+    stop = sp.stop
+    stop_strings: list[str] = []
+    stop_tokens: list[int] = []
+    if isinstance(stop, str):
+        stop_strings = [stop]
+    elif stop:
+        for item in stop:
+            if isinstance(item, str):
+                stop_strings.append(item)
+            else:
+                stop_tokens.append(int(item))
+    if any(not st for st in stop_strings):
+        raise APIError(400, "stop strings must be non-empty", "sampling_params.stop")
+    bad = next((t for t in stop_tokens if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise APIError(400, f"stop token {bad} is outside the vocabulary [0, {vocab})",
+                       "sampling_params.stop")
+    if not 0 <= req.topk_prompt_logprobs <= 20:
+        raise APIError(400, "topk_prompt_logprobs must be between 0 and 20",
+                       "topk_prompt_logprobs")
+    return {"prompt": prompt, "num_samples": req.num_samples, "max_tokens": sp.max_tokens,
+            "temperature": sp.temperature, "top_k": sp.top_k, "top_p": sp.top_p,
+            "seed": sp.seed, "stop_tokens": stop_tokens, "stop_strings": stop_strings,
+            "prompt_logprobs": req.prompt_logprobs or req.topk_prompt_logprobs > 0,
+            "topk_prompt_logprobs": req.topk_prompt_logprobs}

@@ -1,0 +1,339 @@
+"""Engine.execute on the tiny model (fp32 base, no autocast, so comparisons can be exact):
+batching vs alone, token-budget splits, gradient accumulation, run and failure isolation."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+
+import pytest
+import torch
+
+from bios.server.engine.engine import Engine, pack_rows
+from bios.server.engine.executor import InProcessExecutor
+from bios.server.plan import (
+    AdapterSpec,
+    CreateAdapterOp,
+    CyclePlan,
+    DatumRows,
+    ForwardBackwardOp,
+    OptimStepOp,
+    PassGroup,
+    ReleaseAdapterOp,
+    Step,
+)
+
+BASE = "bios/tiny-llama"
+VOCAB = 49152
+TIGHT = {"rtol": 1e-4, "atol": 1e-5}  # fp32; batching only reorders float sums
+
+
+def make_engine(tiny_fp32, token_budget: int = 4096) -> Engine:
+    model, cfg = tiny_fp32
+    return Engine(model, cfg, device="cpu", autocast_dtype=None, token_budget=token_budget)
+
+
+def datum(n: int, seed: int, rl: bool = False) -> DatumRows:
+    """n input tokens predicting the next ones; with rl, sampling logprobs and advantages."""
+    gen = torch.Generator().manual_seed(seed)
+    seq = torch.randint(0, VOCAB, (n + 1,), generator=gen).tolist()
+    inputs: dict = {"target_tokens": seq[1:]}
+    if rl:
+        inputs["logprobs"] = (-11 + torch.rand(n, generator=gen)).tolist()
+        inputs["advantages"] = torch.randn(n, generator=gen).tolist()
+    else:
+        inputs["weights"] = [0.0, *([1.0] * (n - 1))]  # the first token is "prompt"
+    return DatumRows(tokens=seq[:-1], loss_inputs=inputs)
+
+
+def fb(req: str, run: str, data: list[DatumRows], loss_fn: str = "cross_entropy", **kw):
+    return ForwardBackwardOp(req, run, data, loss_fn, kw.pop("config", {}), **kw)
+
+
+def create(run: str, rank: int, seed: int, **spec) -> CreateAdapterOp:
+    return CreateAdapterOp(f"create-{run}", run, AdapterSpec(rank=rank, seed=seed, **spec))
+
+
+def step(run: str, i: int = 0, **adam) -> OptimStepOp:
+    return OptimStepOp(f"step-{run}-{i}", run, {"learning_rate": 1e-2, **adam})
+
+
+def execute(engine: Engine, *steps: Step, cycle: int = 0):
+    result = engine.execute(CyclePlan(cycle, BASE, list(steps)))
+    return {r.request_id: r for r in result.results}, result
+
+
+def weights(engine: Engine, run: str) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in engine.runs[run].adapter.parameters()]
+
+
+def all_equal(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> bool:
+    return len(xs) == len(ys) and all(torch.equal(x, y) for x, y in zip(xs, ys, strict=True))
+
+
+def grads(engine: Engine, run: str) -> list[torch.Tensor]:
+    return [p.grad.clone() for p in engine.runs[run].adapter.parameters()]
+
+
+def assert_close_all(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> None:
+    """Equal up to fp32 summation order, relative to each tensor's scale."""
+    for x, y in zip(xs, ys, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4 * float(y.abs().max()) + 1e-8)
+
+
+def assert_same_output(a: dict, b: dict) -> None:
+    for x, y in zip(a["loss_fn_outputs"], b["loss_fn_outputs"], strict=True):
+        torch.testing.assert_close(
+            torch.tensor(x["logprobs"]["data"]), torch.tensor(y["logprobs"]["data"]), **TIGHT
+        )
+    for key in ("loss:sum", "loss:mean"):
+        assert a["metrics"][key] == pytest.approx(b["metrics"][key], rel=1e-5, abs=1e-6)
+
+
+# Three runs with different ranks, targets, row counts, lengths and losses.
+RUNS = {
+    "a": (create("a", 4, seed=1), [datum(12, 1), datum(7, 2)], "cross_entropy"),
+    "b": (create("b", 8, seed=2, train_unembed=False), [datum(20, 3, rl=True)], "ppo"),
+    "c": (create("c", 16, seed=3, train_mlp=False), [datum(5, 4), datum(9, 5), datum(3, 6)],
+          "cross_entropy"),
+}  # fmt: skip
+
+
+def run_ops(names: str) -> list[ForwardBackwardOp]:
+    return [fb(f"fb-{n}", n, RUNS[n][1], RUNS[n][2]) for n in names]
+
+
+def warm_up(engine: Engine, names: str) -> None:
+    """Create the runs and take one step each, so B is nonzero and every LoRA term counts.
+    Each run warms up in passes of its own, so its weights are the same in any engine."""
+    for n in names:
+        execute(engine, RUNS[n][0], PassGroup(run_ops(n)), step(n))
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+def test_pack_rows_respects_the_budget_longest_first():
+    assert pack_rows([3, 10, 4, 10], 20) == [[1, 3], [2, 0]]
+    assert pack_rows([30, 2], 20) == [[0], [1]]  # an oversized row gets a pass of its own
+    assert pack_rows([], 20) == []
+    for passes in (pack_rows([5, 9, 1, 7, 7, 2, 8], b) for b in (1, 9, 16, 30, 100)):
+        assert sorted(i for p in passes for i in p) == list(range(7))
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def test_batched_runs_equal_each_run_alone(tiny_fp32):
+    together = make_engine(tiny_fp32)
+    warm_up(together, "abc")
+    results, cycle = execute(together, PassGroup(run_ops("abc")))
+    assert cycle.stats.passes == 1
+    for name in "abc":
+        alone = make_engine(tiny_fp32)
+        warm_up(alone, name)
+        assert all_equal(weights(alone, name), weights(together, name))
+        solo, _ = execute(alone, PassGroup(run_ops(name)))
+        assert results[f"fb-{name}"].ok
+        assert_same_output(results[f"fb-{name}"].result, solo[f"fb-{name}"].result)
+        assert_close_all(grads(together, name), grads(alone, name))
+
+
+def test_token_budget_splits_give_the_same_result(tiny_fp32):
+    outputs, gradients, passes = [], [], []
+    for budget in (4096, 24, 1):  # one pass; several; one row per pass
+        engine = make_engine(tiny_fp32, token_budget=budget)
+        warm_up(engine, "abc")
+        results, cycle = execute(engine, PassGroup(run_ops("abc")))
+        outputs.append(results)
+        gradients.append({n: grads(engine, n) for n in "abc"})
+        passes.append(cycle.stats.passes)
+    assert passes == [1, 3, 6]
+    for other, other_grads in zip(outputs[1:], gradients[1:], strict=True):
+        for name in "abc":
+            assert_same_output(other[f"fb-{name}"].result, outputs[0][f"fb-{name}"].result)
+            assert_close_all(other_grads[name], gradients[0][name])
+
+
+def test_output_format_and_loss_mean(tiny_fp32):
+    engine = make_engine(tiny_fp32)
+    data = [datum(6, 1), DatumRows([], {"target_tokens": []}), datum(4, 2)]
+    results, _ = execute(engine, create("a", 4, 1), PassGroup([fb("f", "a", data)]))
+    out = results["f"].result
+    assert out["loss_fn_output_type"] == "ArrayRecord"
+    shapes = [o["logprobs"]["shape"] for o in out["loss_fn_outputs"]]
+    assert shapes == [[6], [0], [4]]
+    assert all(o["logprobs"]["dtype"] == "float32" for o in out["loss_fn_outputs"])
+    lps = [v for o in out["loss_fn_outputs"] for v in o["logprobs"]["data"][1:]]
+    assert out["metrics"]["loss:sum"] == pytest.approx(-sum(lps), rel=1e-5)
+    assert out["metrics"]["loss:mean"] == pytest.approx(-sum(lps) / 8, rel=1e-5)  # 5 + 3 weighted
+    zero = DatumRows([1, 2], {"target_tokens": [3, 4], "weights": [0.0, 0.0]})
+    results, _ = execute(engine, PassGroup([fb("z", "a", [zero])]))
+    assert results["z"].result["metrics"] == {"loss:sum": 0.0, "loss:mean": 0.0}
+
+
+def test_forward_only_accumulates_no_gradient_and_sees_current_weights(tiny_fp32):
+    engine = make_engine(tiny_fp32)
+    warm_up(engine, "a")
+    fwd = fb("fwd", "a", RUNS["a"][1], forward_only=True)
+    results, cycle = execute(engine, PassGroup([fwd]))
+    assert all(p.grad is None for p in engine.runs["a"].adapter.parameters())
+    assert cycle.stats.ops_by_kind == {"forward": 1}
+    results2, _ = execute(engine, PassGroup(run_ops("a")))  # with gradients: same values
+    assert_same_output(results["fwd"].result, results2["fb-a"].result)
+
+
+def test_gradient_accumulation_equals_one_big_batch(tiny_fp32):
+    first, second = [datum(10, 7), datum(6, 8)], [datum(8, 9)]
+    split, joined = make_engine(tiny_fp32), make_engine(tiny_fp32)
+    for engine in (split, joined):
+        warm_up(engine, "a")
+    execute(split, PassGroup([fb("f1", "a", first)]))
+    execute(split, PassGroup([fb("f2", "a", second)]), step("a", 1))
+    execute(joined, PassGroup([fb("f", "a", first + second)]), step("a", 1))
+    assert_close_all(weights(split, "a"), weights(joined, "a"))
+
+
+# ----------------------------------------------------------------------------- isolation
+
+
+def test_runs_are_isolated(tiny_fp32):
+    engine = make_engine(tiny_fp32)
+    warm_up(engine, "ab")
+    a_weights = weights(engine, "a")
+    a_state = {k: v.clone() for k, v in engine.runs["a"].optimizer.state_tensors().items()}
+    # B trains and decays its weights for a few cycles; A's state must not move at all.
+    for i in range(3):
+        execute(engine, PassGroup(run_ops("b")), step("b", i, weight_decay=0.5))
+    assert all_equal(weights(engine, "a"), a_weights)
+    for key, value in engine.runs["a"].optimizer.state_tensors().items():
+        assert torch.equal(value, a_state[key])
+    assert all(p.grad is None for p in engine.runs["a"].adapter.parameters())
+
+    # A trained alongside B gives what A trained alone gives.
+    alone = make_engine(tiny_fp32)
+    warm_up(alone, "a")
+    for i in range(2):
+        results, _ = execute(
+            engine, PassGroup(run_ops("ab")), step("a", i), step("b", i, weight_decay=0.5)
+        )
+        solo, _ = execute(alone, PassGroup(run_ops("a")), step("a", i))
+        assert_same_output(results["fb-a"].result, solo["fb-a"].result)
+    assert_close_all(weights(engine, "a"), weights(alone, "a"))
+
+
+def test_bad_ops_fail_alone_as_user_errors(tiny_fp32):
+    engine = make_engine(tiny_fp32)
+    warm_up(engine, "ab")
+    b_before = weights(engine, "b")
+    bad_token = DatumRows([1, VOCAB, 3], {"target_tokens": [1, 2, 3]})
+    bad_length = DatumRows([1, 2, 3], {"target_tokens": [1, 2]})
+    results, cycle = execute(
+        engine,
+        PassGroup(
+            [
+                fb("good-a", "a", RUNS["a"][1]),
+                fb("bad-token", "b", [bad_token]),
+                fb("bad-length", "a", [bad_length]),
+                fb("bad-config", "a", RUNS["a"][1], config={"beta": 1.0}),
+                fb("unknown-run", "zzz", RUNS["a"][1]),
+            ]
+        ),
+        create("a", 4, 1),
+        step("a", 1),
+        step("b", 1, learning_rate=-1.0),
+    )
+    assert results["good-a"].ok and results["step-a-1"].ok
+    failed = {k: r for k, r in results.items() if not r.ok}
+    assert set(failed) == {
+        "bad-token", "bad-length", "bad-config", "unknown-run", "create-a", "step-b-1"
+    }  # fmt: skip
+    assert all(r.category == "user" for r in failed.values())
+    assert f"token id {VOCAB} outside the vocabulary" in failed["bad-token"].error
+    assert "unknown run 'zzz'" in failed["unknown-run"].error
+    assert "already exists" in failed["create-a"].error
+    assert all_equal(weights(engine, "b"), b_before)
+    assert cycle.stats.passes == 1 and cycle.stats.runs == 3
+
+
+def test_a_failing_pass_is_retried_op_by_op(tiny_fp32):
+    reference = make_engine(tiny_fp32)
+    warm_up(reference, "ac")
+    expected, _ = execute(reference, PassGroup(run_ops("ac")))
+
+    engine = make_engine(tiny_fp32)
+    warm_up(engine, "abc")
+    # Corrupt run b's adapter (a B with 10 outputs where q_proj has 256): its rows cannot run.
+    adapter = engine.runs["b"].adapter
+    key = next(iter(adapter.weights))
+    A, B = adapter.weights[key]
+    adapter.weights[key] = (A, B[:, :10].detach().requires_grad_())
+    results, cycle = execute(engine, PassGroup(run_ops("abc")))
+    assert not results["fb-b"].ok and results["fb-b"].category == "server"
+    for name in "ac":
+        assert_same_output(results[f"fb-{name}"].result, expected[f"fb-{name}"].result)
+        assert_close_all(grads(engine, name), grads(reference, name))
+    assert cycle.stats.passes == 4  # the failed batched pass, then one per op
+
+
+# ----------------------------------------------------------------------------- lifecycle
+
+
+def test_lifecycle_stats_and_determinism(tiny_fp32):
+    def cycle(engine):
+        return engine.execute(
+            CyclePlan(
+                7,
+                BASE,
+                [
+                    create("a", 4, 1),
+                    PassGroup(run_ops("a")),
+                    step("a"),  # then a step with nothing accumulated: allowed
+                    step("a", 1, weight_decay=0.1),
+                    PassGroup([fb("fwd", "a", RUNS["a"][1], forward_only=True)]),
+                    ReleaseAdapterOp("rel", "a"),
+                    ReleaseAdapterOp("rel-again", "a"),
+                ],
+            )
+        )
+
+    first, second = cycle(make_engine(tiny_fp32)), cycle(make_engine(tiny_fp32))
+    assert [r.ok for r in first.results] == [True] * 7
+    assert [r.result for r in first.results] == [r.result for r in second.results]
+    by_id = {r.request_id: r.result for r in first.results}
+    assert by_id["step-a-1"]["metrics"]["grad_norm"] == 0.0
+    assert by_id["step-a-0"]["metrics"]["learning_rate"] == 1e-2
+    assert (by_id["rel"], by_id["rel-again"]) == ({"released": True}, {"released": False})
+    stats = first.stats
+    assert (stats.runs, stats.passes, stats.tokens) == (1, 2, 38)
+    assert stats.ops_by_kind == {
+        "create": 1, "forward_backward": 1, "optim_step": 2, "forward": 1, "release": 2
+    }  # fmt: skip
+    assert stats.engine_ms > 0
+
+
+def test_executor_runs_plans_on_its_worker_thread(tiny_fp32):
+    executor = InProcessExecutor(make_engine(tiny_fp32))
+    try:
+        futures = [
+            executor.submit(CyclePlan(0, BASE, [create("a", 4, 1)])),
+            executor.submit(CyclePlan(1, BASE, [PassGroup(run_ops("a")), step("a")])),
+        ]
+        assert all(isinstance(f, Future) for f in futures)
+        results = [f.result(timeout=60) for f in futures]
+        assert [r.cycle_id for r in results] == [0, 1]
+        assert all(r.ok for c in results for r in c.results)
+        assert executor.info()["vocab_size"] == VOCAB
+    finally:
+        executor.shutdown()
+    with pytest.raises(RuntimeError):
+        executor.submit(CyclePlan(2, BASE, []))
+
+
+def test_from_model_dir_picks_hardware_defaults(tiny_model_dir):
+    engine = Engine.from_model_dir(tiny_model_dir)
+    assert engine.device.type in ("cpu", "cuda")
+    if engine.device.type == "cpu":
+        assert engine.token_budget == 2048
+    assert engine.info() == {"arch": "llama", "vocab_size": VOCAB, "max_context_length": 2048}
+    results, _ = execute(engine, create("a", 4, 1), PassGroup(run_ops("a")), step("a"))
+    assert all(r.ok for r in results.values())

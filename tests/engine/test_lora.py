@@ -1,0 +1,191 @@
+"""Adapters against PEFT's LoRA, and multi-adapter passes against one pass per adapter."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from safetensors.torch import save_file
+from transformers import LlamaForCausalLM
+
+from bios.server.engine.lora import Adapter, LoRABatch, peft_key
+from bios.server.plan import AdapterSpec
+
+
+def nonzero_b(adapter: Adapter, seed: int) -> Adapter:
+    """Give B random values so that A's gradient and the delta are nonzero."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, B in adapter.weights.values():
+            B.copy_(torch.randn(B.shape, generator=gen) * 0.02)
+    return adapter
+
+
+def assert_grad_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal up to float summation order, relative to the gradient's scale."""
+    assert expected.abs().max() > 0
+    assert (actual - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+def token_batch(rows: int, seq_len: int, vocab: int, seed: int) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (rows, seq_len), generator=gen)
+    return ids, torch.randint(0, vocab, (rows, seq_len), generator=gen)
+
+
+def test_init_is_seeded_and_follows_the_spec(tiny_fp32):
+    _, cfg = tiny_fp32
+    spec = AdapterSpec(rank=4, seed=7, train_mlp=False)
+    a, b = Adapter.init(cfg, spec, "cpu"), Adapter.init(cfg, spec, "cpu")
+    other = Adapter.init(cfg, AdapterSpec(rank=4, seed=8, train_mlp=False), "cpu")
+    assert list(a.weights) == [
+        *(f"layers.{i}.self_attn.{m}_proj" for i in range(cfg.num_layers) for m in "qkvo"),
+        "lm_head",
+    ]
+    assert a.peft_target_modules() == ["q_proj", "k_proj", "v_proj", "o_proj", "lm_head"]
+    assert a.scaling == 32 / 4
+    for (A, B), (A2, _), (A3, _) in zip(
+        a.weights.values(), b.weights.values(), other.weights.values(), strict=True
+    ):
+        assert A.is_leaf and A.requires_grad and A.dtype == torch.float32
+        assert torch.equal(A, A2) and not torch.equal(A, A3)
+        assert A.abs().max() <= 1 / math.sqrt(A.shape[0])  # kaiming_uniform(a=sqrt(5)) bound
+        assert B.shape[0] == 4 and not B.any()
+    q_a, q_b = a.weights["layers.0.self_attn.k_proj"]
+    assert q_a.shape == (cfg.hidden_size, 4) and q_b.shape == (4, cfg.num_kv_heads * cfg.head_dim)
+    assert a.parameters()[:2] == [q for q in a.weights["layers.0.self_attn.q_proj"]]
+
+
+def test_peft_state_dict_round_trip_and_errors(tiny_fp32):
+    _, cfg = tiny_fp32
+    spec = AdapterSpec(rank=4, seed=1)
+    src = nonzero_b(Adapter.init(cfg, spec, "cpu"), seed=0)
+    sd = src.to_peft_state_dict()
+    assert sd["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (4, 256)
+    assert sd["base_model.model.lm_head.lora_B.weight"].shape == (cfg.vocab_size, 4)
+
+    dst = Adapter.init(cfg, AdapterSpec(rank=4, seed=2), "cpu")
+    dst.load_peft_state_dict(sd)
+    for (A, B), (A2, B2) in zip(src.weights.values(), dst.weights.values(), strict=True):
+        assert torch.equal(A, A2) and torch.equal(B, B2) and A2.is_leaf
+
+    wrong_rank = Adapter.init(cfg, AdapterSpec(rank=8, seed=2), "cpu")
+    with pytest.raises(ValueError, match=r"lora_A.weight: shape \(4, 256\), expected \(8, 256\)"):
+        wrong_rank.load_peft_state_dict(sd)
+    no_mlp = Adapter.init(cfg, AdapterSpec(rank=4, seed=2, train_mlp=False), "cpu")
+    with pytest.raises(ValueError, match="unexpected"):
+        no_mlp.load_peft_state_dict(sd)
+
+
+def test_logits_and_gradients_match_peft(tiny_fp32, tiny_model_dir):
+    model, cfg = tiny_fp32
+    adapter = nonzero_b(Adapter.init(cfg, AdapterSpec(rank=8, seed=3), "cpu"), seed=1)
+    hf = LlamaForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    lora_config = LoraConfig(
+        r=8, lora_alpha=32, lora_dropout=0.0, target_modules=adapter.peft_target_modules()
+    )
+    peft_model = get_peft_model(hf, lora_config)
+    set_peft_model_state_dict(peft_model, adapter.to_peft_state_dict())
+
+    ids, targets = token_batch(2, 12, cfg.vocab_size, seed=0)
+    batch = LoRABatch.build([adapter], [2], seq_len=12)
+    ours = model.unembed(model(ids, lora=batch), batch)
+    theirs = peft_model(ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    F.cross_entropy(ours.flatten(0, 1), targets.flatten()).backward()
+    F.cross_entropy(theirs.flatten(0, 1), targets.flatten()).backward()
+
+    params = dict(peft_model.named_parameters())
+    for key, (A, B) in adapter.weights.items():
+        peft_A = params[peft_key(key) + ".lora_A.default.weight"].grad
+        peft_B = params[peft_key(key) + ".lora_B.default.weight"].grad
+        assert_grad_close(A.grad, peft_A.t())
+        assert_grad_close(B.grad, peft_B.t())
+
+
+def test_peft_loads_our_adapter_directory(tiny_fp32, tiny_model_dir, tmp_path):
+    model, cfg = tiny_fp32
+    spec = AdapterSpec(rank=4, seed=5, alpha=16.0, train_unembed=False)
+    adapter = nonzero_b(Adapter.init(cfg, spec, "cpu"), seed=2)
+    save_file(adapter.to_peft_state_dict(), tmp_path / "adapter_model.safetensors")
+    config = adapter.peft_config(base_model="bios/tiny-llama")
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+
+    hf = LlamaForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(hf, tmp_path)
+    ids, _ = token_batch(1, 8, cfg.vocab_size, seed=1)
+    batch = LoRABatch.build([adapter], [1], seq_len=8)
+    with torch.no_grad():
+        ours = model.unembed(model(ids, lora=batch), batch)
+        torch.testing.assert_close(ours, peft_model(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+SPECS = [
+    AdapterSpec(rank=4, seed=1),
+    AdapterSpec(rank=8, seed=2, train_mlp=False),
+    AdapterSpec(rank=2, seed=3, alpha=8.0, train_unembed=False),
+]
+
+
+@pytest.mark.parametrize("rows", [[2, 1, 3], [2, 2, 2]])
+def test_batched_adapters_equal_separate_passes(tiny_fp32, rows):
+    model, cfg = tiny_fp32
+    adapters = [nonzero_b(Adapter.init(cfg, s, "cpu"), seed=i) for i, s in enumerate(SPECS)]
+    T = 10
+    ids, targets = token_batch(sum(rows), T, cfg.vocab_size, seed=4)
+
+    batch = LoRABatch.build(adapters, rows, seq_len=T)
+    joint = model.unembed(model(ids, lora=batch), batch)
+    F.cross_entropy(joint.flatten(0, 1), targets.flatten(), reduction="sum").backward()
+    joint_grads = [[t.grad.clone() for t in a.parameters()] for a in adapters]
+
+    start = 0
+    for adapter, n, grads in zip(adapters, rows, joint_grads, strict=True):
+        for t in adapter.parameters():
+            t.grad = None
+        one = LoRABatch.build([adapter], [n], seq_len=T)
+        rows_k = slice(start, start + n)
+        alone = model.unembed(model(ids[rows_k], lora=one), one)
+        torch.testing.assert_close(joint[rows_k], alone, rtol=1e-4, atol=1e-5)
+        loss = F.cross_entropy(alone.flatten(0, 1), targets[rows_k].flatten(), reduction="sum")
+        loss.backward()
+        for t, g in zip(adapter.parameters(), grads, strict=True):
+            assert_grad_close(g, t.grad)
+        start += n
+
+
+def test_gradients_stay_in_their_adapter(tiny_fp32):
+    model, cfg = tiny_fp32
+    adapters = [nonzero_b(Adapter.init(cfg, s, "cpu"), seed=i) for i, s in enumerate(SPECS)]
+    ids, targets = token_batch(4, 6, cfg.vocab_size, seed=5)
+    batch = LoRABatch.build(adapters, [1, 2, 1], seq_len=6)
+    logits = model.unembed(model(ids, lora=batch), batch)
+    F.cross_entropy(logits[1:3].flatten(0, 1), targets[1:3].flatten()).backward()  # adapter 1
+    assert all(t.grad.abs().max() > 0 for t in adapters[1].parameters())
+    for a in (adapters[0], adapters[2]):
+        assert all(t.grad is None or not t.grad.any() for t in a.parameters())
+
+    # a second pass accumulates into the same .grad
+    first = [t.grad.clone() for t in adapters[1].parameters()]
+    batch = LoRABatch.build(adapters, [1, 2, 1], seq_len=6)
+    logits = model.unembed(model(ids, lora=batch), batch)
+    F.cross_entropy(logits[1:3].flatten(0, 1), targets[1:3].flatten()).backward()
+    for t, g in zip(adapters[1].parameters(), first, strict=True):
+        torch.testing.assert_close(t.grad, 2 * g)
+
+
+def test_apply_routing_edges(tiny_fp32):
+    _, cfg = tiny_fp32
+    no_unembed = [Adapter.init(cfg, AdapterSpec(rank=2, seed=0, train_unembed=False), "cpu")]
+    batch = LoRABatch.build(no_unembed * 2, [1, 1], seq_len=4)
+    x = torch.randn(2, 4, cfg.hidden_size)
+    assert batch.apply("lm_head", x) is None
+    assert batch.apply("layers.0.mlp.up_proj", x).shape == (2, 4, cfg.intermediate_size)
+    with pytest.raises(ValueError, match="3 rows"):
+        batch.apply("layers.0.mlp.up_proj", torch.randn(3, 4, cfg.hidden_size))
+    with pytest.raises(ValueError, match="at least one row"):
+        LoRABatch.build(no_unembed, [0], seq_len=4)
