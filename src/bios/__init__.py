@@ -35,6 +35,7 @@ from bios.rest_client import RestClient
 from bios.sampling_client import SamplingClient
 from bios.service_client import ServiceClient
 from bios.training_client import TrainingClient
+from bios.training_loop import TrainingReport, train, train_async
 from bios.types import (
     AdamParams,
     Datum,
@@ -68,7 +69,10 @@ __all__ = [
     "ServiceClient",
     "TensorData",
     "TrainingClient",
+    "TrainingReport",
     "__version__",
     "exceptions",
+    "train",
+    "train_async",
     "types",
 ]

@@ -15,6 +15,19 @@ from pathlib import Path
 
 def _serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    from bios.server.auth import ENV_KEYS, KeyConfigError, bind_refusal, load_keys
+
+    try:
+        api_keys = load_keys(args.api_keys_file, os.environ.get(ENV_KEYS))
+    except KeyConfigError as e:
+        print(f"bios serve: {e}", file=sys.stderr)
+        return 2
+    refusal = bind_refusal(args.host, bool(api_keys))
+    if refusal:
+        print(f"bios serve: {refusal}", file=sys.stderr)
+        return 2
+
     import uvicorn
 
     from bios.server.app import create_app
@@ -25,10 +38,33 @@ def _serve(args: argparse.Namespace) -> int:
         models=args.models or ServerConfig().models, clock_period=args.clock_period,
         database_url=args.database_url, device=args.device, token_budget=args.token_budget,
         model_cache=Path(args.model_cache_dir) if args.model_cache_dir else None,
+        api_keys=api_keys, **{k: v for k, v in (
+            ("max_queued_per_run", args.max_queued_per_run),
+            ("max_queued_per_tenant", args.max_queued_per_tenant),
+            ("max_queued_total", args.max_queued_total)) if v is not None},
     )
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    tenants = sorted({t for t, _ in api_keys})
+    logging.getLogger("bios.server").info(
+        "auth: %s", f"API keys for tenants {', '.join(tenants)}" if tenants
+        else "local mode (no API keys; loopback only)")
     uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="warning")
+    return 0
+
+
+def _keys_add(args: argparse.Namespace) -> int:
+    from bios.server.auth import KeyConfigError, add_key
+
+    try:
+        key = add_key(args.file, args.name)
+    except KeyConfigError as e:
+        print(f"bios keys add: {e}", file=sys.stderr)
+        return 2
+    print(key)
+    print(f"added a key for tenant {args.name!r} to {args.file} (only its sha256 is stored; "
+          "this is the one time the key is shown: give it to the tenant as BIOS_API_KEY)",
+          file=sys.stderr)
     return 0
 
 
@@ -60,7 +96,27 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     serve.add_argument("--token-budget", type=int, default=None,
                        help="tokens per batched forward/backward pass")
+    serve.add_argument("--api-keys-file", default=os.environ.get("BIOS_API_KEYS_FILE"),
+                       metavar="PATH",
+                       help="file of 'tenant:sha256hex' lines (see `bios keys add`); with keys, "
+                            "every request needs one and each tenant sees only its own runs. "
+                            "$BIOS_API_KEYS (comma-separated entries) adds more. Required to "
+                            "bind a non-loopback --host")
+    serve.add_argument("--max-queued-per-run", type=int, default=None, metavar="N",
+                       help="backpressure: queued requests per run before a 429")
+    serve.add_argument("--max-queued-per-tenant", type=int, default=None, metavar="N",
+                       help="backpressure: queued requests per tenant before a 429")
+    serve.add_argument("--max-queued-total", type=int, default=None, metavar="N",
+                       help="backpressure: queued requests on the server before a 429")
     serve.set_defaults(func=_serve)
+
+    keys = sub.add_parser("keys", help="manage API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    add = keys_sub.add_parser("add", help="create a key for a tenant; print it once, store its "
+                                          "hash in the keys file")
+    add.add_argument("name", help="tenant name (letters, digits, '.', '_', '-')")
+    add.add_argument("--file", required=True, help="the keys file (created with mode 0600)")
+    add.set_defaults(func=_keys_add)
 
     demo = sub.add_parser("demo", help="fine-tune SmolLM2 on a small dataset, end to end")
     demo.add_argument("--steps", type=int, default=30)

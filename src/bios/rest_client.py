@@ -95,6 +95,14 @@ class RestClient:
         run_id, kind, name = parse_checkpoint_path(tinker_path)
         return self._delete(run_id, f"{kind}/{name}")
 
+    def _publish(self, tinker_path: str, public: bool) -> APIFuture[None]:
+        run_id, kind, name = parse_checkpoint_path(tinker_path)
+        path = f"/training_runs/{_seg(run_id)}/checkpoints/{kind}/{_seg(name)}/publish"
+        return self._service._call(self._publish_coro("POST" if public else "DELETE", path))
+
+    async def _publish_coro(self, method: str, path: str) -> None:
+        await self._service._transport.request(method, path)
+
     def _weights_info(self, tinker_path: str) -> APIFuture[types.WeightsInfoResponse]:
         return self._service._call(self._service._query(
             "POST", "/weights_info", types.WeightsInfoResponse,
@@ -102,6 +110,16 @@ class RestClient:
 
     def _sampler(self, sampler_id: str) -> APIFuture[types.GetSamplerResponse]:
         return self._get(f"/samplers/{_seg(sampler_id)}", types.GetSamplerResponse)
+
+    def _metrics(self, training_run_id: str) -> APIFuture[types.RunMetrics]:
+        return self._get(f"/training_runs/{_seg(training_run_id)}/metrics", types.RunMetrics)
+
+    def _utilization(self, base_model: str | None, last: int
+                     ) -> APIFuture[types.EngineUtilizationResponse]:
+        params: dict[str, Any] = {"last": last}
+        if base_model:
+            params["base_model"] = base_model
+        return self._get("/engine/utilization", types.EngineUtilizationResponse, params)
 
     # ------------------------------------------------------------------ public API
 
@@ -207,6 +225,40 @@ class RestClient:
         """Async version of delete_checkpoint_from_tinker_path."""
         await self._delete_path(tinker_path)
 
+    def publish_checkpoint_from_tinker_path(self, tinker_path: str) -> None:
+        """Publish one of your checkpoints: other tenants who know its path may then load it
+        (create_training_client_from_state, load_state) and sample it
+        (create_sampling_client(model_path=...)); only you can delete or unpublish it.
+
+        Args:
+            tinker_path: "bios://<run_id>/weights/<name>" or ".../sampler_weights/<name>".
+
+        Raises:
+            ConflictError: it is already published.
+            NotFoundError: no such checkpoint of yours.
+        """
+        self._publish(tinker_path, True).result()
+
+    async def publish_checkpoint_from_tinker_path_async(self, tinker_path: str) -> None:
+        """Async version of publish_checkpoint_from_tinker_path."""
+        await self._publish(tinker_path, True)
+
+    def unpublish_checkpoint_from_tinker_path(self, tinker_path: str) -> None:
+        """Make a published checkpoint private again (others can no longer load or sample it).
+
+        Args:
+            tinker_path: "bios://<run_id>/weights/<name>" or ".../sampler_weights/<name>".
+
+        Raises:
+            ConflictError: it is not published.
+            NotFoundError: no such checkpoint of yours.
+        """
+        self._publish(tinker_path, False).result()
+
+    async def unpublish_checkpoint_from_tinker_path_async(self, tinker_path: str) -> None:
+        """Async version of unpublish_checkpoint_from_tinker_path."""
+        await self._publish(tinker_path, False)
+
     def get_weights_info_by_tinker_path(self, tinker_path: str) -> types.WeightsInfoResponse:
         """What a checkpoint was trained as (base model, LoRA rank, trained layers).
 
@@ -237,3 +289,38 @@ class RestClient:
     async def get_sampler_async(self, sampler_id: str) -> types.GetSamplerResponse:
         """Async version of get_sampler."""
         return await self._sampler(sampler_id)
+
+    def get_run_metrics(self, training_run_id: str) -> types.RunMetrics:
+        """What the server did for one run: cycles it had work in and cycles it missed,
+        queue wait, engine busy/idle time while it was active, tokens, compute and steps.
+
+        Args:
+            training_run_id: "<session_id>:train:<n>" (a TrainingClient's model_id).
+
+        Returns:
+            RunMetrics.
+        """
+        return self._metrics(training_run_id).result()
+
+    async def get_run_metrics_async(self, training_run_id: str) -> types.RunMetrics:
+        """Async version of get_run_metrics."""
+        return await self._metrics(training_run_id)
+
+    def get_engine_utilization(self, base_model: str | None = None, last: int = 100
+                               ) -> types.EngineUtilizationResponse:
+        """The engine's busy fraction over its last training cycles.
+
+        Args:
+            base_model: the base model whose engine to report (optional when the server
+                serves one).
+            last: how many of the most recent cycles.
+
+        Returns:
+            EngineUtilizationResponse (`cycles[i].busy_fraction`, overall `busy_fraction`).
+        """
+        return self._utilization(base_model, last).result()
+
+    async def get_engine_utilization_async(self, base_model: str | None = None, last: int = 100
+                                           ) -> types.EngineUtilizationResponse:
+        """Async version of get_engine_utilization."""
+        return await self._utilization(base_model, last)

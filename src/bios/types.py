@@ -372,6 +372,53 @@ class TrainingRunsResponse(LenientModel):
     cursor: Cursor | None = None
 
 
+class RunMetrics(LenientModel):
+    """What the server did for one training run (GET /training_runs/{id}/metrics).
+
+    cycles_with_work: training cycles in which the run had work. missed_cycles: cycles in which
+    it had none although one of its requests arrived after the cycle started and before it
+    ended (so that request waited for a later cycle). queue_wait_s: summed time its requests
+    waited between being stored and being claimed. active_s: from its first request stored to
+    its last one finished; engine_busy_s: engine time of the base model's cycles (every run's)
+    that started in that window; engine_idle_s = active_s - engine_busy_s. tokens: tokens of
+    its forward/forward_backward ops; compute_s: its share of engine time. steps: completed
+    optim_steps; requests: all its requests, its creation included.
+    """
+
+    training_run_id: str
+    cycles_with_work: int = 0
+    missed_cycles: int = 0
+    queue_wait_s: float = 0.0
+    engine_busy_s: float = 0.0
+    engine_idle_s: float = 0.0
+    active_s: float = 0.0
+    tokens: int = 0
+    compute_s: float = 0.0
+    steps: int = 0
+    requests: int = 0
+
+
+class CycleUtilization(LenientModel):
+    """One training cycle: busy_fraction = engine_ms / (time to the next cycle's start)."""
+
+    cycle_id: int
+    started_at: float  # unix seconds
+    engine_ms: float
+    total_ms: float
+    busy_fraction: float
+    runs: int
+    tokens: int
+
+
+class EngineUtilizationResponse(LenientModel):
+    """The last cycles of one base model's engine (GET /engine/utilization), oldest first;
+    busy_fraction is engine time over wall time from the first cycle's start to now."""
+
+    base_model: str
+    cycles: list[CycleUtilization] = Field(default_factory=list)
+    busy_fraction: float = 0.0
+
+
 class GetSamplerResponse(LenientModel):
     sampler_id: str
     base_model: str

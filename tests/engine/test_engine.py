@@ -1,4 +1,4 @@
-"""Engine.execute on the tiny model (fp32 base, no autocast, so comparisons can be exact):
+"""Engine.execute on a small random Llama (fp32 base, no autocast, so comparisons are tight):
 batching vs alone, token-budget splits, gradient accumulation, run and failure isolation."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import torch
 
 from bios.server.engine.engine import Engine, pack_rows
 from bios.server.engine.executor import InProcessExecutor
+from bios.server.engine.model import ModelConfig, Transformer, load_transformer
 from bios.server.plan import (
     AdapterSpec,
     CreateAdapterOp,
@@ -22,13 +23,28 @@ from bios.server.plan import (
     Step,
 )
 
-BASE = "bios/tiny-llama"
-VOCAB = 49152
+BASE = "test/small-llama"
+VOCAB = 1024
 TIGHT = {"rtol": 1e-4, "atol": 1e-5}  # fp32; batching only reorders float sums
 
 
-def make_engine(tiny_fp32, token_budget: int = 4096) -> Engine:
-    model, cfg = tiny_fp32
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> tuple[Transformer, ModelConfig]:
+    """A 2-layer Llama with untied embeddings (the tiny test model's are tied), fp32."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("small-llama")
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    return load_transformer(path, base_dtype=torch.float32)
+
+
+def make_engine(small, token_budget: int = 4096) -> Engine:
+    model, cfg = small
     return Engine(model, cfg, device="cpu", autocast_dtype=None, token_budget=token_budget)
 
 
@@ -38,7 +54,7 @@ def datum(n: int, seed: int, rl: bool = False) -> DatumRows:
     seq = torch.randint(0, VOCAB, (n + 1,), generator=gen).tolist()
     inputs: dict = {"target_tokens": seq[1:]}
     if rl:
-        inputs["logprobs"] = (-11 + torch.rand(n, generator=gen)).tolist()
+        inputs["logprobs"] = (-7.5 + torch.rand(n, generator=gen)).tolist()
         inputs["advantages"] = torch.randn(n, generator=gen).tolist()
     else:
         inputs["weights"] = [0.0, *([1.0] * (n - 1))]  # the first token is "prompt"
@@ -123,13 +139,13 @@ def test_pack_rows_respects_the_budget_longest_first():
 # ----------------------------------------------------------------------------- batching
 
 
-def test_batched_runs_equal_each_run_alone(tiny_fp32):
-    together = make_engine(tiny_fp32)
+def test_batched_runs_equal_each_run_alone(small):
+    together = make_engine(small)
     warm_up(together, "abc")
     results, cycle = execute(together, PassGroup(run_ops("abc")))
     assert cycle.stats.passes == 1
     for name in "abc":
-        alone = make_engine(tiny_fp32)
+        alone = make_engine(small)
         warm_up(alone, name)
         assert all_equal(weights(alone, name), weights(together, name))
         solo, _ = execute(alone, PassGroup(run_ops(name)))
@@ -138,15 +154,18 @@ def test_batched_runs_equal_each_run_alone(tiny_fp32):
         assert_close_all(grads(together, name), grads(alone, name))
 
 
-def test_token_budget_splits_give_the_same_result(tiny_fp32):
+def test_token_budget_splits_give_the_same_result(small):
+    engine = make_engine(small)
+    warm_up(engine, "abc")
     outputs, gradients, passes = [], [], []
     for budget in (4096, 24, 1):  # one pass; several; one row per pass
-        engine = make_engine(tiny_fp32, token_budget=budget)
-        warm_up(engine, "abc")
+        engine.token_budget = budget
         results, cycle = execute(engine, PassGroup(run_ops("abc")))
         outputs.append(results)
         gradients.append({n: grads(engine, n) for n in "abc"})
         passes.append(cycle.stats.passes)
+        for n in "abc":
+            engine.runs[n].zero_grad()
     assert passes == [1, 3, 6]
     for other, other_grads in zip(outputs[1:], gradients[1:], strict=True):
         for name in "abc":
@@ -154,8 +173,8 @@ def test_token_budget_splits_give_the_same_result(tiny_fp32):
             assert_close_all(other_grads[name], gradients[0][name])
 
 
-def test_output_format_and_loss_mean(tiny_fp32):
-    engine = make_engine(tiny_fp32)
+def test_output_format_and_loss_mean(small):
+    engine = make_engine(small)
     data = [datum(6, 1), DatumRows([], {"target_tokens": []}), datum(4, 2)]
     results, _ = execute(engine, create("a", 4, 1), PassGroup([fb("f", "a", data)]))
     out = results["f"].result
@@ -171,8 +190,8 @@ def test_output_format_and_loss_mean(tiny_fp32):
     assert results["z"].result["metrics"] == {"loss:sum": 0.0, "loss:mean": 0.0}
 
 
-def test_forward_only_accumulates_no_gradient_and_sees_current_weights(tiny_fp32):
-    engine = make_engine(tiny_fp32)
+def test_forward_only_accumulates_no_gradient_and_sees_current_weights(small):
+    engine = make_engine(small)
     warm_up(engine, "a")
     fwd = fb("fwd", "a", RUNS["a"][1], forward_only=True)
     results, cycle = execute(engine, PassGroup([fwd]))
@@ -182,9 +201,9 @@ def test_forward_only_accumulates_no_gradient_and_sees_current_weights(tiny_fp32
     assert_same_output(results["fwd"].result, results2["fb-a"].result)
 
 
-def test_gradient_accumulation_equals_one_big_batch(tiny_fp32):
+def test_gradient_accumulation_equals_one_big_batch(small):
     first, second = [datum(10, 7), datum(6, 8)], [datum(8, 9)]
-    split, joined = make_engine(tiny_fp32), make_engine(tiny_fp32)
+    split, joined = make_engine(small), make_engine(small)
     for engine in (split, joined):
         warm_up(engine, "a")
     execute(split, PassGroup([fb("f1", "a", first)]))
@@ -196,8 +215,8 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_fp32):
 # ----------------------------------------------------------------------------- isolation
 
 
-def test_runs_are_isolated(tiny_fp32):
-    engine = make_engine(tiny_fp32)
+def test_runs_are_isolated(small):
+    engine = make_engine(small)
     warm_up(engine, "ab")
     a_weights = weights(engine, "a")
     a_state = {k: v.clone() for k, v in engine.runs["a"].optimizer.state_tensors().items()}
@@ -210,7 +229,7 @@ def test_runs_are_isolated(tiny_fp32):
     assert all(p.grad is None for p in engine.runs["a"].adapter.parameters())
 
     # A trained alongside B gives what A trained alone gives.
-    alone = make_engine(tiny_fp32)
+    alone = make_engine(small)
     warm_up(alone, "a")
     for i in range(2):
         results, _ = execute(
@@ -221,8 +240,8 @@ def test_runs_are_isolated(tiny_fp32):
     assert_close_all(weights(engine, "a"), weights(alone, "a"))
 
 
-def test_bad_ops_fail_alone_as_user_errors(tiny_fp32):
-    engine = make_engine(tiny_fp32)
+def test_bad_ops_fail_alone_as_user_errors(small):
+    engine = make_engine(small)
     warm_up(engine, "ab")
     b_before = weights(engine, "b")
     bad_token = DatumRows([1, VOCAB, 3], {"target_tokens": [1, 2, 3]})
@@ -255,12 +274,12 @@ def test_bad_ops_fail_alone_as_user_errors(tiny_fp32):
     assert cycle.stats.passes == 1 and cycle.stats.runs == 3
 
 
-def test_a_failing_pass_is_retried_op_by_op(tiny_fp32):
-    reference = make_engine(tiny_fp32)
+def test_a_failing_pass_is_retried_op_by_op(small):
+    reference = make_engine(small)
     warm_up(reference, "ac")
     expected, _ = execute(reference, PassGroup(run_ops("ac")))
 
-    engine = make_engine(tiny_fp32)
+    engine = make_engine(small)
     warm_up(engine, "abc")
     # Corrupt run b's adapter (a B with 10 outputs where q_proj has 256): its rows cannot run.
     adapter = engine.runs["b"].adapter
@@ -278,7 +297,7 @@ def test_a_failing_pass_is_retried_op_by_op(tiny_fp32):
 # ----------------------------------------------------------------------------- lifecycle
 
 
-def test_lifecycle_stats_and_determinism(tiny_fp32):
+def test_lifecycle_stats_and_determinism(small):
     def cycle(engine):
         return engine.execute(
             CyclePlan(
@@ -296,7 +315,7 @@ def test_lifecycle_stats_and_determinism(tiny_fp32):
             )
         )
 
-    first, second = cycle(make_engine(tiny_fp32)), cycle(make_engine(tiny_fp32))
+    first, second = cycle(make_engine(small)), cycle(make_engine(small))
     assert [r.ok for r in first.results] == [True] * 7
     assert [r.result for r in first.results] == [r.result for r in second.results]
     by_id = {r.request_id: r.result for r in first.results}
@@ -311,8 +330,8 @@ def test_lifecycle_stats_and_determinism(tiny_fp32):
     assert stats.engine_ms > 0
 
 
-def test_executor_runs_plans_on_its_worker_thread(tiny_fp32):
-    executor = InProcessExecutor(make_engine(tiny_fp32))
+def test_executor_runs_plans_on_its_worker_thread(small):
+    executor = InProcessExecutor(make_engine(small))
     try:
         futures = [
             executor.submit(CyclePlan(0, BASE, [create("a", 4, 1)])),
@@ -334,6 +353,6 @@ def test_from_model_dir_picks_hardware_defaults(tiny_model_dir):
     assert engine.device.type in ("cpu", "cuda")
     if engine.device.type == "cpu":
         assert engine.token_budget == 2048
-    assert engine.info() == {"arch": "llama", "vocab_size": VOCAB, "max_context_length": 2048}
+    assert engine.info() == {"arch": "llama", "vocab_size": 49152, "max_context_length": 2048}
     results, _ = execute(engine, create("a", 4, 1), PassGroup(run_ops("a")), step("a"))
     assert all(r.ok for r in results.values())

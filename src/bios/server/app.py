@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from bios import types as T
+from bios.server.auth import KeyRing, presented_key
 from bios.server.config import ServerConfig
 from bios.server.service import BiosService
 from bios.server.validation import APIError
@@ -58,13 +59,22 @@ class Waiters:
 
 
 def owner_of(request: Request) -> str:
-    """The tenant of a request. Local mode: one tenant for everyone."""
-    return LOCAL_OWNER
+    """The tenant of a request (usable as a FastAPI dependency).
+
+    The auth middleware sets it for every route but healthz: the API key's tenant, or "local"
+    when the server has no keys. A request that reached a route without one fails closed (401).
+    """
+    owner = getattr(request.state, "owner", None)
+    if not owner:
+        raise APIError(401, "this request is not authenticated", None, "unauthorized")
+    return str(owner)
 
 
 def _error(status: int, detail: str, field: str | None = None, code: str | None = None,
-           headers: dict[str, str] | None = None) -> JSONResponse:
+           headers: dict[str, str] | None = None,
+           extra: dict[str, Any] | None = None) -> JSONResponse:
     body = T.ErrorResponse(detail=detail, field=field, code=code).model_dump(exclude_none=True)
+    body.update(extra or {})
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -92,7 +102,9 @@ def create_app(config: ServerConfig, service: BiosService | None = None) -> Fast
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError) -> JSONResponse:
         headers = {"Retry-After": "1"} if e.status == 429 else None
-        return _error(e.status, e.detail, e.field, e.code, headers)
+        if e.status == 401:
+            headers = {"WWW-Authenticate": "Bearer"}
+        return _error(e.status, e.detail, e.field, e.code, headers, e.extra)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
@@ -110,6 +122,26 @@ def create_app(config: ServerConfig, service: BiosService | None = None) -> Fast
                           f"{config.max_body_bytes}; send smaller batches", None, "too_large")
         return await call_next(request)
 
+    keyring = KeyRing(tuple((str(t), str(h)) for t, h in config.api_keys))
+    open_paths = {"/api/v1/healthz"}
+
+    @app.middleware("http")
+    async def _authenticate(request: Request, call_next: Callable[..., Any]) -> Any:
+        """Every route but healthz needs a key when keys are configured; sets the owner."""
+        if not keyring.enabled:
+            request.state.owner = LOCAL_OWNER
+        elif request.url.path not in open_paths:
+            key = presented_key(request.headers)
+            tenant = keyring.tenant_for(key)
+            if tenant is None:
+                why = ("no API key was sent" if key is None else "the API key is not valid")
+                return _error(401, f"{why}: this server requires an API key in the X-API-Key "
+                              "header (or Authorization: Bearer). Set BIOS_API_KEY or pass "
+                              "api_key= to ServiceClient.", None, "unauthorized",
+                              {"WWW-Authenticate": "Bearer"})
+            request.state.owner = tenant
+        return await call_next(request)
+
     def submit(kind: str, fn: Callable[[str, Any], Any]) -> Callable[[Request, Any], Any]:
         """Wrap a submit call so a rejected request still fills its seq slot."""
 
@@ -118,7 +150,10 @@ def create_app(config: ServerConfig, service: BiosService | None = None) -> Fast
             try:
                 return fn(owner, body)
             except APIError as e:
-                if 400 <= e.status < 500 and e.status not in (404, 409, 429):
+                # Fill the seq slot so the run's later requests do not wait for this one,
+                # except on 429: the SDK retries that same seq_id. (reject() is a no-op when
+                # the run is unknown or the slot is already taken.)
+                if 400 <= e.status < 500 and e.status != 429:
                     svc.reject(owner, getattr(body, "model_id", None),
                                getattr(body, "seq_id", None), kind, e)
                 raise
@@ -229,6 +264,26 @@ def create_app(config: ServerConfig, service: BiosService | None = None) -> Fast
     @app.get(f"{api}/training_runs/{{run_id}}/checkpoints")
     def list_checkpoints(request: Request, run_id: str) -> T.CheckpointsListResponse:
         return svc.list_checkpoints(owner_of(request), run_id)
+
+    @app.get(f"{api}/training_runs/{{run_id}}/metrics")
+    def get_run_metrics(request: Request, run_id: str) -> T.RunMetrics:
+        return svc.run_metrics(owner_of(request), run_id)
+
+    @app.get(f"{api}/engine/utilization")
+    def engine_utilization(request: Request, base_model: str | None = None,
+                           last: int = Query(100, ge=1, le=10000)
+                           ) -> T.EngineUtilizationResponse:
+        owner_of(request)  # authenticated like every other query
+        return svc.engine_utilization(base_model, last)
+
+    @app.post(f"{api}/training_runs/{{run_id}}/checkpoints/{{seg}}/{{name}}/publish")
+    def publish_checkpoint(request: Request, run_id: str, seg: str, name: str) -> T.Checkpoint:
+        return svc.publish_checkpoint(owner_of(request), run_id, seg, name, True)
+
+    @app.delete(f"{api}/training_runs/{{run_id}}/checkpoints/{{seg}}/{{name}}/publish")
+    def unpublish_checkpoint(request: Request, run_id: str, seg: str, name: str
+                             ) -> T.Checkpoint:
+        return svc.publish_checkpoint(owner_of(request), run_id, seg, name, False)
 
     @app.delete(f"{api}/training_runs/{{run_id}}/checkpoints/{{seg}}/{{name}}")
     def delete_checkpoint(request: Request, run_id: str, seg: str, name: str) -> dict[str, str]:

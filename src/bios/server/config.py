@@ -29,10 +29,13 @@ class ServerConfig:
     max_body_bytes: int = 64 * 1024 * 1024
     max_queued_per_run: int = 1024  # backpressure: requests queued but not yet run, per run
     max_queued_total: int = 16384
+    max_queued_per_tenant: int = 4096  # queued requests of one tenant, all its runs/samplers
     max_tokens_per_request: int = 262_144
     max_rank: int = 256
     max_samples_per_request: int = 128
     model_cache: Path | None = None  # default: data_dir/models; share one across servers
+    # (tenant, sha256 hex of a key) pairs; empty: local mode, one tenant "local", loopback only.
+    api_keys: list[tuple[str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)

@@ -167,6 +167,11 @@ class CycleStats:
     passes: int = 0  # batched model passes run
     ops_by_kind: dict[str, int] = field(default_factory=dict)
     engine_ms: float = 0.0  # wall time inside the engine
+    # Per run (optional; empty from executors that do not measure it): tokens of the run's
+    # successful forward/forward_backward ops, and the run's share of engine time (its single
+    # ops' own time plus a share of each pass group's time in proportion to its tokens).
+    tokens_by_run: dict[str, int] = field(default_factory=dict)
+    compute_ms_by_run: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from bios.server import plan as P
-from bios.server.store import CheckpointRow, ClaimedRequest, SamplerRow, Store
+from bios.server.store import CheckpointRow, ClaimedRequest, RunWork, SamplerRow, Store
 
 log = logging.getLogger("bios.scheduler")
 
@@ -85,6 +85,29 @@ def build_plan(cycle_id: int, base_model: str, claimed: list[ClaimedRequest],
             if q and not isinstance(q[0], P.ForwardBackwardOp):
                 steps.append(q.popleft())
     return P.CyclePlan(cycle_id, base_model, steps)
+
+
+def run_work(plan: P.CyclePlan, stats: P.CycleStats) -> dict[str, RunWork]:
+    """Each run's part in a cycle: its ops (from the plan), tokens and engine time (from the
+    engine's per-run stats; without them, the plan's tokens and engine_ms split by tokens,
+    or by ops when the cycle had no tokens)."""
+    ops: dict[str, int] = {}
+    tokens: dict[str, int] = {}
+    for step in plan.steps:
+        for op in step.ops if isinstance(step, P.PassGroup) else [step]:
+            ops[op.run_id] = ops.get(op.run_id, 0) + 1
+            if isinstance(op, P.ForwardBackwardOp):
+                tokens[op.run_id] = tokens.get(op.run_id, 0) + op.num_tokens
+    if stats.tokens_by_run or stats.compute_ms_by_run:
+        tokens = dict(stats.tokens_by_run)
+        compute = dict(stats.compute_ms_by_run)
+    else:
+        total_tokens, total_ops = sum(tokens.values()), sum(ops.values())
+        compute = {r: stats.engine_ms * (tokens.get(r, 0) / total_tokens if total_tokens
+                                         else n / total_ops)
+                   for r, n in ops.items()}
+    return {r: RunWork(tokens=tokens.get(r, 0), ops=n, compute_ms=compute.get(r, 0.0))
+            for r, n in ops.items()}
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -229,7 +252,8 @@ class ClockLoop:
         total_ms = (time.perf_counter() - t0) * 1000
         st = result.stats
         self.store.record_cycle(self.base_model, started, st.engine_ms, total_ms, st.runs,
-                                plan.num_ops, st.tokens, st.passes)
+                                plan.num_ops, st.tokens, st.passes, cycle_id=cycle_id,
+                                run_work=run_work(plan, st))
         self.notify(done + missing)
         entry = CycleLog(cycle_id, self.base_model, st.runs, plan.num_ops, st.tokens, st.passes,
                          st.engine_ms, total_ms, dict(st.ops_by_kind))

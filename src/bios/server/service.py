@@ -35,6 +35,7 @@ from bios.server.validation import (
     APIError,
     ModelLimits,
     check_forward_backward,
+    check_int,
     check_lora_config,
     check_name,
     check_sample,
@@ -64,6 +65,14 @@ def iso(ts: float | None) -> str | None:
 
 def run_dir_name(run_id: str) -> str:
     return run_id.replace(":", "__")
+
+
+def queue_full(e: QueueFullError) -> APIError:
+    """The 429 for a full queue; its body carries the queue state (scope, queued, limit)."""
+    return APIError(429, f"{e}: {e.queued} queued, limit {e.limit} per {e.scope}. Wait for "
+                    "results before submitting more (the SDK retries this with backoff).",
+                    None, "queue_full",
+                    {"queue_state": {"scope": e.scope, "queued": e.queued, "limit": e.limit}})
 
 
 class BiosService:
@@ -165,19 +174,19 @@ class BiosService:
                            "model_id", "run_lost")
         if seq_id < 1:
             raise APIError(400, "seq_id must be >= 1 (0 is the run's creation)", "seq_id")
+        check_int(seq_id, "seq_id")
         try:
             rid = self.db.submit(owner=owner, run_id=run.id, seq_id=seq_id, kind=kind,
                                  base_model=run.canonical_model,
                                  payload={"owner": owner, "base_model_name": run.base_model,
                                           **payload},
                                  max_queued_per_run=self.config.max_queued_per_run,
-                                 max_queued_total=self.config.max_queued_total)
+                                 max_queued_total=self.config.max_queued_total,
+                                 max_queued_per_tenant=self.config.max_queued_per_tenant)
         except SeqConflictError as e:
             raise APIError(409, str(e), "seq_id", "seq_conflict") from e
         except QueueFullError as e:
-            raise APIError(429, f"{e}: {e.queued} queued, limit {e.limit}. Wait for results "
-                           "before submitting more (the SDK retries this with backoff).",
-                           None, "queue_full") from e
+            raise queue_full(e) from e
         self.models[run.canonical_model].clock.wake()
         return T.UntypedAPIFuture(request_id=rid, model_id=run.id)
 
@@ -212,6 +221,7 @@ class BiosService:
                            "session_id")
         served = self._served(req.base_model)
         check_lora_config(req.lora_config, self.config.max_rank)
+        check_int(req.model_seq_id, "model_seq_id")
         run_id = f"{req.session_id}:train:{req.model_seq_id}"
         cfg = req.lora_config
         seed = cfg.seed if cfg.seed is not None else secrets.randbelow(2**31)
@@ -293,6 +303,8 @@ class BiosService:
             ck: dict[str, Any] = {"kind": "sampler", "name": name,
                                   "path": f"bios://{run.id}/sampler_weights/{name}"}
         elif req.sampling_session_seq_id is not None:
+            check_int(req.sampling_session_seq_id, "sampling_session_seq_id")
+            check_int(req.seq_id, "seq_id")
             name = f"ephemeral-{req.sampling_session_seq_id}-{req.seq_id}"
             ck = {"kind": "sampler", "name": name, "ephemeral": True,
                   "session_id": run.session_id,
@@ -388,16 +400,67 @@ class BiosService:
         cks = [self._checkpoint_wire(c) for c in self.db.list_checkpoints(run.id)]
         return T.CheckpointsListResponse(checkpoints=cks)
 
-    def delete_checkpoint(self, owner: str, run_id: str, seg: str, name: str) -> None:
+    def run_metrics(self, owner: str, run_id: str) -> T.RunMetrics:
         run = self._owned_run(owner, run_id, "training_run_id")
+        return T.RunMetrics(training_run_id=run.id, **self.db.run_metrics(run.id))
+
+    def engine_utilization(self, base_model: str | None, last: int
+                           ) -> T.EngineUtilizationResponse:
+        """The last `last` training cycles of a base model (the only one, if not given)."""
+        if base_model:
+            served = self._served(base_model)
+        elif len(self.models) == 1:
+            served = next(iter(self.models.values()))
+        else:
+            raise APIError(400, "this server serves several base models; give base_model",
+                           "base_model")
+        cycles = [T.CycleUtilization(**c)
+                  for c in self.db.engine_utilization(served.canonical, last)]
+        busy = 0.0
+        if cycles:
+            wall = max(time.time() - cycles[0].started_at, sum(c.total_ms for c in cycles) / 1e3)
+            busy = min(1.0, sum(c.engine_ms for c in cycles) / 1e3 / wall) if wall > 0 else 1.0
+        return T.EngineUtilizationResponse(base_model=served.canonical, cycles=cycles,
+                                           busy_fraction=busy)
+
+    def _own_checkpoint(self, owner: str, run_id: str, seg: str, name: str,
+                        action: str) -> CheckpointRow:
+        """The caller's own checkpoint; 403 if it is someone else's published one, else 404."""
         if seg not in ("weights", "sampler_weights"):
             raise APIError(400, "checkpoint type must be 'weights' or 'sampler_weights'",
                            "checkpoint_id")
         check_name(name, "checkpoint_id")
-        ck = self.db.get_checkpoint(run.id, "training" if seg == "weights" else "sampler", name)
-        if ck is None:
+        kind = "training" if seg == "weights" else "sampler"
+        run = self.db.get_run(run_id)
+        if run is None or run.owner != owner:
+            ck = self.db.get_checkpoint(run_id, kind, name)
+            if ck is not None and ck.public and run is not None:
+                raise APIError(403, f"checkpoint {seg}/{name} is published by another tenant: "
+                               f"you may load and sample it, but only its owner can {action} "
+                               "it", "checkpoint_id", "not_owner")
+            raise APIError(404, f"training run {run_id!r} not found", "training_run_id",
+                           "unknown_run")
+        ck = self.db.get_checkpoint(run.id, kind, name)
+        if ck is None or (ck.ephemeral and action != "delete"):
             raise APIError(404, f"checkpoint {seg}/{name} not found in run {run_id!r}",
                            "checkpoint_id")
+        return ck
+
+    def publish_checkpoint(self, owner: str, run_id: str, seg: str, name: str,
+                           public: bool) -> T.Checkpoint:
+        """Publish (others may load and sample it) or unpublish one of the owner's checkpoints."""
+        ck = self._own_checkpoint(owner, run_id, seg, name,
+                                  "publish" if public else "unpublish")
+        if ck.public == public:
+            state = "already published" if public else "not published"
+            raise APIError(409, f"checkpoint {seg}/{name} is {state}", "checkpoint_id",
+                           "already_published" if public else "not_published")
+        self.db.set_checkpoint_public(ck.id, public)
+        ck.public = public
+        return self._checkpoint_wire(ck)
+
+    def delete_checkpoint(self, owner: str, run_id: str, seg: str, name: str) -> None:
+        ck = self._own_checkpoint(owner, run_id, seg, name, "delete")
         root = self.config.checkpoint_dir.resolve()
         directory = Path(ck.directory).resolve()
         if root in directory.parents:  # never delete outside the data dir
@@ -413,6 +476,7 @@ class BiosService:
             raise APIError(404, f"session {req.session_id!r} not found", "session_id")
         if bool(req.base_model) == bool(req.model_path):
             raise APIError(400, "give exactly one of base_model or model_path", "model_path")
+        check_int(req.sampling_session_seq_id, "sampling_session_seq_id")
         sid = f"{req.session_id}:sample:{req.sampling_session_seq_id}"
         if req.model_path:
             ck = self._checkpoint_for(owner, req.model_path, "model_path")
@@ -440,6 +504,8 @@ class BiosService:
             if row is None or row.owner != owner:
                 raise APIError(404, f"sampler {sampler_id!r} not found; create it with "
                                "create_sampling_client", "sampling_session_id")
+            if row.model_path:  # still visible? (deleted, or unpublished by its owner)
+                self._checkpoint_for(owner, row.model_path, "sampling_session_id")
             served = self.models.get(row.canonical_model) or self._served(row.base_model)
             checkpoint_dir = row.checkpoint_dir
         elif req.model_path:
@@ -465,12 +531,12 @@ class BiosService:
                                  seq_id=req.seq_id, kind="sample", base_model=served.canonical,
                                  payload={"owner": owner, "wire": req.model_dump(mode="json"),
                                           "sample_op": op},
-                                 max_queued_total=self.config.max_queued_total)
+                                 max_queued_total=self.config.max_queued_total,
+                                 max_queued_per_tenant=self.config.max_queued_per_tenant)
         except SeqConflictError as e:
             raise APIError(409, str(e), "seq_id", "seq_conflict") from e
         except QueueFullError as e:
-            raise APIError(429, f"{e}: {e.queued} queued, limit {e.limit}; retry later",
-                           None, "queue_full") from e
+            raise queue_full(e) from e
         served.clock.wake()
         return T.UntypedAPIFuture(request_id=rid)
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Float,
     ForeignKey,
@@ -78,7 +79,8 @@ class RunRow(Base):
 
 class RequestRow(Base):
     __tablename__ = "requests"
-    __table_args__ = (UniqueConstraint("run_id", "seq_id", name="uq_run_seq"),)
+    __table_args__ = (UniqueConstraint("run_id", "seq_id", name="uq_run_seq"),
+                      UniqueConstraint("sampler_id", "seq_id", name="uq_sampler_seq"))
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     owner: Mapped[str] = mapped_column(String(128), index=True)
     run_id: Mapped[str | None] = mapped_column(String(128), index=True, nullable=True)
@@ -108,7 +110,7 @@ class CheckpointRow(Base):
     name: Mapped[str] = mapped_column(String(256))
     directory: Mapped[str] = mapped_column(Text)
     base_model: Mapped[str] = mapped_column(String(256))
-    size_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)  # int4 overflows at 2 GiB
     public: Mapped[bool] = mapped_column(Boolean, default=False)
     ephemeral: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[float] = mapped_column(Float)
@@ -139,7 +141,34 @@ class CycleRow(Base):
     passes: Mapped[int] = mapped_column(Integer)
 
 
+class RunCycleRow(Base):
+    """One run's part in one training cycle (written by the clock with the cycle).
+
+    missed=False: the run had work in the cycle (`tokens`, `ops`, and `compute_ms`, its share
+    of the cycle's engine time). missed=True: the run had no work in the cycle, but one of its
+    requests was stored after the cycle started (its claim cutoff) and before it ended, and
+    was still queued when it ended, so it waited for a later cycle. See Store.run_metrics.
+    """
+
+    __tablename__ = "run_cycles"
+    run_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    cycle_id: Mapped[int] = mapped_column(Integer, primary_key=True, index=True)
+    tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    ops: Mapped[int] = mapped_column(Integer, default=0)
+    compute_ms: Mapped[float] = mapped_column(Float, default=0.0)
+    missed: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
 # ----------------------------------------------------------------------------- plain records
+
+
+@dataclass(frozen=True)
+class RunWork:
+    """What one run did in one cycle: tokens through passes, ops, engine time (ms)."""
+
+    tokens: int = 0
+    ops: int = 0
+    compute_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -168,10 +197,11 @@ class SeqConflictError(Exception):
 class QueueFullError(Exception):
     """Too many queued requests; carries the queue state for the 429 body."""
 
-    def __init__(self, message: str, queued: int, limit: int):
+    def __init__(self, message: str, queued: int, limit: int, scope: str = "server"):
         super().__init__(message)
         self.queued = queued
         self.limit = limit
+        self.scope = scope  # "server" | "tenant" | "run"
 
 
 class Store:
@@ -217,6 +247,12 @@ class Store:
 
     def create_run(self, run: RunRow, create_payload: dict[str, Any]) -> str:
         """Insert the run and its create request (seq 0); idempotent for a retried create."""
+        try:
+            return self._create_run(run, create_payload)
+        except IntegrityError:  # an identical create raced us; the second look sees it
+            return self._create_run(run, create_payload)
+
+    def _create_run(self, run: RunRow, create_payload: dict[str, Any]) -> str:
         digest = payload_digest(create_payload)
         with self.tx() as s:
             existing = s.get(RunRow, run.id)
@@ -265,12 +301,36 @@ class Store:
 
     def submit(self, *, owner: str, run_id: str | None, seq_id: int | None, kind: str,
                base_model: str, payload: dict[str, Any], sampler_id: str | None = None,
-               max_queued_per_run: int = 0, max_queued_total: int = 0) -> str:
+               max_queued_per_run: int = 0, max_queued_total: int = 0,
+               max_queued_per_tenant: int = 0) -> str:
         """Store a request durably and return its id.
 
         A retry of the same (run, seq_id) with the same payload returns the original id; a
         different payload in an occupied slot raises SeqConflictError.
         """
+        try:
+            return self._submit(owner=owner, run_id=run_id, seq_id=seq_id, kind=kind,
+                                base_model=base_model, payload=payload, sampler_id=sampler_id,
+                                max_queued_per_run=max_queued_per_run,
+                                max_queued_total=max_queued_total,
+                                max_queued_per_tenant=max_queued_per_tenant)
+        except IntegrityError as e:  # a concurrent submit took the (run|sampler, seq) slot
+            if seq_id is None or (run_id is None and sampler_id is None):
+                raise
+            slot = (RequestRow.run_id == run_id if run_id is not None
+                    else RequestRow.sampler_id == sampler_id)
+            with self.tx() as s:
+                prior = s.execute(select(RequestRow.id, RequestRow.payload_hash).where(
+                    slot, RequestRow.seq_id == seq_id)).first()
+            if prior is not None and prior.payload_hash == payload_digest(payload):
+                return prior.id  # it was the same request: an idempotent retry
+            owner_name = run_id or sampler_id
+            raise SeqConflictError(f"seq_id {seq_id} of {owner_name!r} is taken") from e
+
+    def _submit(self, *, owner: str, run_id: str | None, seq_id: int | None, kind: str,
+                base_model: str, payload: dict[str, Any], sampler_id: str | None,
+                max_queued_per_run: int, max_queued_total: int,
+                max_queued_per_tenant: int = 0) -> str:
         digest = payload_digest(payload)
         with self.tx() as s:
             if run_id is not None and seq_id is not None:
@@ -296,25 +356,29 @@ class Store:
                 queued = s.execute(select(func.count()).select_from(RequestRow)
                                    .where(RequestRow.status == QUEUED)).scalar_one()
                 if queued >= max_queued_total:
-                    raise QueueFullError("the server's queue is full", queued, max_queued_total)
+                    raise QueueFullError("the server's queue is full", queued, max_queued_total,
+                                         "server")
+            if max_queued_per_tenant:
+                queued = s.execute(select(func.count()).select_from(RequestRow).where(
+                    RequestRow.owner == owner, RequestRow.status == QUEUED)).scalar_one()
+                if queued >= max_queued_per_tenant:
+                    raise QueueFullError(f"tenant {owner!r} has {queued} queued requests",
+                                         queued, max_queued_per_tenant, "tenant")
             if max_queued_per_run and run_id is not None:
                 queued = s.execute(select(func.count()).select_from(RequestRow).where(
                     RequestRow.run_id == run_id, RequestRow.status == QUEUED)).scalar_one()
                 if queued >= max_queued_per_run:
                     raise QueueFullError(f"run {run_id!r} has {queued} queued requests",
-                                         queued, max_queued_per_run)
+                                         queued, max_queued_per_run, "run")
             rid = new_request_id()
             s.add(RequestRow(id=rid, owner=owner, run_id=run_id, sampler_id=sampler_id,
                              seq_id=seq_id, kind=kind, base_model=base_model,
                              payload=json.dumps(payload), payload_hash=digest, status=QUEUED,
                              created_at=time.time()))
+            s.flush()  # here, not in the update's autoflush; IntegrityError is handled by submit
             if run_id is not None:
                 s.execute(update(RunRow).where(RunRow.id == run_id)
                           .values(last_request_time=time.time()))
-            try:
-                s.flush()
-            except IntegrityError as e:  # a concurrent retry won the slot
-                raise SeqConflictError(f"seq_id {seq_id} of run {run_id!r} is taken") from e
             return rid
 
     def record_rejected(self, *, owner: str, run_id: str, seq_id: int, kind: str,
@@ -415,13 +479,107 @@ class Store:
                 cycle_id=cycle_id))
 
     def record_cycle(self, base_model: str, started_at: float, engine_ms: float,
-                     total_ms: float, runs: int, ops: int, tokens: int, passes: int) -> int:
+                     total_ms: float, runs: int, ops: int, tokens: int, passes: int,
+                     *, cycle_id: int | None = None,
+                     run_work: dict[str, RunWork] | None = None) -> int:
+        """Store a finished cycle (with `cycle_id`, the plan's id, else the next id).
+
+        With `run_work` (run id -> its work in the cycle) also store each run's part, and a
+        missed cycle for every other run of this base model with a request stored after
+        `started_at` (the claim cutoff) that is still queued now, at the cycle's end.
+        """
         with self.tx() as s:
             row = CycleRow(base_model=base_model, started_at=started_at, engine_ms=engine_ms,
                            total_ms=total_ms, runs=runs, ops=ops, tokens=tokens, passes=passes)
+            if cycle_id is not None:
+                row.id = cycle_id
             s.add(row)
             s.flush()
+            if run_work is not None:
+                for run_id, w in run_work.items():
+                    s.add(RunCycleRow(run_id=run_id, cycle_id=row.id, tokens=w.tokens,
+                                      ops=w.ops, compute_ms=w.compute_ms, missed=False))
+                late = s.execute(select(RequestRow.run_id).distinct().where(
+                    RequestRow.base_model == base_model, RequestRow.status == QUEUED,
+                    RequestRow.run_id.is_not(None), RequestRow.created_at > started_at,
+                    RequestRow.created_at <= time.time())).scalars().all()
+                for run_id in sorted(set(late) - set(run_work)):
+                    s.add(RunCycleRow(run_id=run_id, cycle_id=row.id, tokens=0, ops=0,
+                                      compute_ms=0.0, missed=True))
             return row.id
+
+    def run_metrics(self, run_id: str) -> dict[str, Any]:
+        """Per-run accounting, derived from requests, run_cycles and cycles.
+
+        - cycles_with_work / missed_cycles: the run's run_cycles rows (see RunCycleRow).
+        - queue_wait_s: sum over the run's started requests of (started_at - created_at).
+        - active_s: from the run's first request stored to its last one finished (to now
+          while any is queued or running).
+        - engine_busy_s: engine time of this base model's cycles that started in that window
+          (all runs' work, not only this run's); engine_idle_s = active_s - engine_busy_s.
+        - tokens, compute_s: sums of the run's work (compute = its share of engine time).
+        - steps: completed optim_steps; requests: every request of the run (create included).
+        """
+        now = time.time()
+        with self.tx() as s:
+            run = s.get(RunRow, run_id)
+            if run is None:
+                raise KeyError(run_id)
+            work = s.execute(select(
+                func.count(), func.coalesce(func.sum(RunCycleRow.tokens), 0),
+                func.coalesce(func.sum(RunCycleRow.compute_ms), 0.0))
+                .where(RunCycleRow.run_id == run_id, RunCycleRow.missed.is_(False))).one()
+            missed = s.execute(select(func.count()).select_from(RunCycleRow).where(
+                RunCycleRow.run_id == run_id, RunCycleRow.missed.is_(True))).scalar_one()
+            req = s.execute(select(
+                func.count(), func.min(RequestRow.created_at), func.max(RequestRow.completed_at),
+                func.coalesce(func.sum(RequestRow.started_at - RequestRow.created_at), 0.0))
+                .where(RequestRow.run_id == run_id)).one()
+            pending = s.execute(select(func.count()).select_from(RequestRow).where(
+                RequestRow.run_id == run_id, RequestRow.status.in_([QUEUED, RUNNING]))
+                ).scalar_one()
+            steps = s.execute(select(func.count()).select_from(RequestRow).where(
+                RequestRow.run_id == run_id, RequestRow.kind == "optim_step",
+                RequestRow.status == COMPLETED)).scalar_one()
+            first = req[1]
+            last = now if pending or req[2] is None else req[2]
+            busy_ms = 0.0
+            if first is not None:
+                busy_ms = float(s.execute(select(func.coalesce(func.sum(CycleRow.engine_ms), 0.0))
+                                          .where(CycleRow.base_model == run.canonical_model,
+                                                 CycleRow.started_at >= first,
+                                                 CycleRow.started_at <= last)).scalar_one())
+        active = max(0.0, last - first) if first is not None else 0.0
+        busy = min(busy_ms / 1000.0, active)
+        return {"cycles_with_work": int(work[0]), "missed_cycles": int(missed),
+                "queue_wait_s": max(0.0, float(req[3])), "engine_busy_s": busy,
+                "engine_idle_s": active - busy, "active_s": active, "tokens": int(work[1]),
+                "compute_s": float(work[2]) / 1000.0, "steps": int(steps),
+                "requests": int(req[0])}
+
+    def engine_utilization(self, base_model: str, last: int) -> list[dict[str, Any]]:
+        """The last `last` training cycles of a base model, oldest first.
+
+        busy_fraction = engine_ms / the cycle's period, the time from its start to the next
+        cycle's start (for the newest, to now, or its own total time if longer), capped at 1.
+        """
+        now = time.time()
+        with self.tx() as s:
+            rows = s.execute(select(CycleRow).where(CycleRow.base_model == base_model)
+                             .order_by(CycleRow.started_at.desc(), CycleRow.id.desc())
+                             .limit(last)).scalars().all()
+        rows = list(reversed(rows))
+        out = []
+        for i, r in enumerate(rows):
+            if i + 1 < len(rows):
+                period = rows[i + 1].started_at - r.started_at
+            else:
+                period = max(now - r.started_at, r.total_ms / 1000.0)
+            busy = min(1.0, r.engine_ms / 1000.0 / period) if period > 0 else 1.0
+            out.append({"cycle_id": r.id, "started_at": r.started_at, "engine_ms": r.engine_ms,
+                        "total_ms": r.total_ms, "busy_fraction": busy, "runs": r.runs,
+                        "tokens": r.tokens})
+        return out
 
     def next_cycle_id(self) -> int:
         with self.tx() as s:
@@ -450,6 +608,11 @@ class Store:
             return list(s.execute(select(CheckpointRow).where(
                 CheckpointRow.run_id == run_id, CheckpointRow.ephemeral.is_(False))
                 .order_by(CheckpointRow.created_at)).scalars().all())
+
+    def set_checkpoint_public(self, ckpt_id: int, public: bool) -> None:
+        with self.tx() as s:
+            s.execute(update(CheckpointRow).where(CheckpointRow.id == ckpt_id)
+                      .values(public=public))
 
     def delete_checkpoint(self, ckpt_id: int) -> None:
         with self.tx() as s:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from bios import types as T
 
+INT32_MAX = 2**31 - 1  # ids and seeds are stored in 32-bit integer columns (PostgreSQL int4)
+FLOAT32_MAX = 3.4028234663852886e38
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 PATH_RE = re.compile(r"^(?:bios|tinker)://([^/]+)/(weights|sampler_weights)/([^/]+)$")
 
@@ -21,12 +23,13 @@ class APIError(Exception):
     """An error for the client: HTTP status, what is wrong and how to fix it, which field."""
 
     def __init__(self, status: int, detail: str, field: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, extra: dict | None = None):
         super().__init__(detail)
         self.status = status
         self.detail = detail
         self.field = field
         self.code = code
+        self.extra = extra  # more JSON for the error body (e.g. a 429's queue_state)
 
 
 @dataclass(frozen=True)
@@ -35,8 +38,21 @@ class ModelLimits:
     context_length: int
 
 
+def _finite(v: float) -> bool:
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def check_int(value: int | None, field: str, low: int = 0, high: int = INT32_MAX) -> None:
+    """A 400 naming `field` unless `value` is None or in [low, high]."""
+    if value is not None and not low <= value <= high:
+        raise APIError(400, f"{field} must be between {low} and {high}, got {value}", field)
+
+
 def check_name(name: str, field: str) -> str:
-    if not NAME_RE.match(name or "") or ".." in name:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name:
         raise APIError(400, f"{field} {name!r} is not a valid checkpoint name: use 1-128 letters, "
                        "digits, '.', '_' or '-', starting with a letter or digit", field)
     return name
@@ -44,7 +60,7 @@ def check_name(name: str, field: str) -> str:
 
 def parse_checkpoint_path(path: str, field: str = "path") -> tuple[str, str, str]:
     """`bios://<run>/weights/<name>` -> (run_id, kind "training"|"sampler", name)."""
-    m = PATH_RE.match(path or "")
+    m = PATH_RE.fullmatch(path) if isinstance(path, str) else None
     if not m:
         raise APIError(400, f"{field} {path!r} is not a checkpoint path; expected "
                        "bios://<run_id>/weights/<name> or bios://<run_id>/sampler_weights/<name>",
@@ -55,6 +71,7 @@ def parse_checkpoint_path(path: str, field: str = "path") -> tuple[str, str, str
 
 
 def check_lora_config(cfg: T.LoraConfig, max_rank: int) -> None:
+    check_int(cfg.seed, "lora_config.seed", -INT32_MAX - 1)
     if not 1 <= cfg.rank <= max_rank:
         raise APIError(400, f"lora_config.rank must be between 1 and {max_rank}, got {cfg.rank}",
                        "lora_config.rank")
@@ -105,6 +122,12 @@ def check_forward_backward(inp: T.ForwardBackwardInput, limits: ModelLimits, max
                                f"{', '.join(T.LOSS_INPUT_DTYPES)}", field)
             if td.dtype != want:
                 raise APIError(400, f"{key} must have dtype {want}, got {td.dtype}", field)
+            if want == "int64" and not all(isinstance(v, int) or (_finite(v) and
+                                                                  float(v).is_integer())
+                                           for v in td.data):
+                raise APIError(400, f"{key} has dtype int64 but holds non-integer values", field)
+            if td.shape is not None and any(dim < 0 for dim in td.shape):
+                raise APIError(400, f"{key}: shape {td.shape} has a negative dimension", field)
             if len(td.data) != n:
                 raise APIError(400, f"{key} has {len(td.data)} values but model_input has {n} "
                                "tokens; every per-token input must match model_input's length "
@@ -113,8 +136,9 @@ def check_forward_backward(inp: T.ForwardBackwardInput, limits: ModelLimits, max
                 raise APIError(400, f"{key}: shape {td.shape} does not match {len(td.data)} "
                                "values", field)
             if want == "float32":
-                if not all(math.isfinite(float(v)) for v in td.data):
-                    raise APIError(400, f"{key} contains NaN or infinite values", field)
+                if not all(_finite(v) and abs(float(v)) <= FLOAT32_MAX for v in td.data):
+                    raise APIError(400, f"{key} contains NaN, infinite or out-of-float32-range "
+                                   "values", field)
             elif key == "target_tokens":
                 bad = next((int(t) for t in td.data if not 0 <= int(t) < vocab), None)
                 if bad is not None:
@@ -151,8 +175,10 @@ def check_sample(req: T.SampleRequest, limits: ModelLimits, max_samples: int) ->
     if not (math.isfinite(sp.temperature) and sp.temperature >= 0):
         raise APIError(400, "temperature must be a finite number >= 0 (0 = greedy)",
                        "sampling_params.temperature")
-    if sp.top_k != -1 and sp.top_k < 1:
-        raise APIError(400, "top_k must be -1 (no limit) or >= 1", "sampling_params.top_k")
+    if sp.top_k != -1 and not 1 <= sp.top_k <= INT32_MAX:
+        raise APIError(400, f"top_k must be -1 (no limit) or between 1 and {INT32_MAX}",
+                       "sampling_params.top_k")
+    check_int(req.seq_id, "seq_id")
     if not (math.isfinite(sp.top_p) and 0 < sp.top_p <= 1):
         raise APIError(400, "top_p must be in (0, 1]", "sampling_params.top_p")
     stop = sp.stop

@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor
@@ -36,6 +36,7 @@ from bios.server.engine.losses import (
 )
 from bios.server.engine.model import ModelConfig, Transformer, load_transformer
 from bios.server.engine.optimizer import AdamW, adam_params
+from bios.server.engine.sampler import Sampler
 from bios.server.plan import (
     AdapterSpec,
     CreateAdapterOp,
@@ -48,6 +49,8 @@ from bios.server.plan import (
     OptimStepOp,
     PassGroup,
     ReleaseAdapterOp,
+    SamplePlan,
+    SampleResult,
     SaveStateOp,
     SingleOp,
 )
@@ -178,6 +181,8 @@ class Engine:
         self.device = torch.device(device)
         self.autocast_dtype = autocast_dtype
         self.token_budget = token_budget
+        self.tokenizer_path: Path | None = None  # for the sampler's stop strings
+        self._sampler: Sampler | None = None
         self.runs: dict[str, RunState] = {}
 
     @classmethod
@@ -202,9 +207,12 @@ class Engine:
         if token_budget is None:
             token_budget = CPU_TOKEN_BUDGET if device.type == "cpu" else GPU_TOKEN_BUDGET
         model, cfg = load_transformer(model_dir, device=device, base_dtype=base_dtype)
-        return cls(
+        engine = cls(
             model, cfg, device=device, autocast_dtype=autocast_dtype, token_budget=token_budget
         )
+        tokenizer = Path(model_dir) / "tokenizer.json"
+        engine.tokenizer_path = tokenizer if tokenizer.exists() else None
+        return engine
 
     def info(self) -> dict[str, Any]:
         return {
@@ -218,29 +226,62 @@ class Engine:
 
     # ------------------------------------------------------------------------- cycle
 
-    def execute(self, plan: CyclePlan) -> CycleResult:
-        """Run the plan's steps in order; one OpResult per op, in plan order."""
+    @property
+    def sampler(self) -> Sampler:
+        """The continuous-batching sampler over this engine's base model (made on first use)."""
+        if self._sampler is None:
+            self._sampler = Sampler(self.model, self.config, device=self.device,
+                                    autocast_dtype=self.autocast_dtype,
+                                    tokenizer=self.tokenizer_path)
+        return self._sampler
+
+    @overload
+    def execute(self, plan: CyclePlan) -> CycleResult: ...
+    @overload
+    def execute(self, plan: SamplePlan) -> SampleResult: ...
+
+    def execute(self, plan: CyclePlan | SamplePlan) -> CycleResult | SampleResult:
+        """Run a training cycle (steps in order; one OpResult per op, in plan order), or a
+        chunk of sampling (admit requests, then decode steps)."""
+        if isinstance(plan, SamplePlan):
+            return self.sampler.execute(plan)
+        return self._execute_cycle(plan)
+
+    def _execute_cycle(self, plan: CyclePlan) -> CycleResult:
         start = time.perf_counter()
         counters = _Counters()
         results: list[OpResult] = []
         kinds: Counter[str] = Counter()
         runs: set[str] = set()
+        tokens_by_run: Counter[str] = Counter()
+        compute_ms: Counter[str] = Counter()
         for step in plan.steps:
+            t0 = time.perf_counter()
             if isinstance(step, PassGroup):
-                results.extend(self._execute_pass_group(step, counters))
-                for op in step.ops:
+                group_results = self._execute_pass_group(step, counters)
+                results.extend(group_results)
+                ms = (time.perf_counter() - t0) * 1000.0
+                ok_tokens = [op.num_tokens if r.ok else 0
+                             for op, r in zip(step.ops, group_results, strict=True)]
+                total = sum(ok_tokens)
+                for op, n in zip(step.ops, ok_tokens, strict=True):
                     kinds["forward" if op.forward_only else "forward_backward"] += 1
                     runs.add(op.run_id)
+                    tokens_by_run[op.run_id] += n
+                    compute_ms[op.run_id] += ms * (n / total if total else 1 / len(step.ops))
             else:
                 results.append(self._execute_single(step, plan.base_model))
                 kinds[step.kind] += 1
                 runs.add(step.run_id)
+                compute_ms[step.run_id] += (time.perf_counter() - t0) * 1000.0
         stats = CycleStats(
             runs=len(runs),
             tokens=counters.tokens,
             passes=counters.passes,
             ops_by_kind=dict(kinds),
             engine_ms=(time.perf_counter() - start) * 1000.0,
+            tokens_by_run=dict(tokens_by_run),
+            compute_ms_by_run=dict(compute_ms),
         )
         log.debug(
             "cycle %d: %d runs, %d tokens, %d passes, %s, %.1f ms",

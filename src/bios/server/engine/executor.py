@@ -12,7 +12,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from bios.server.engine.engine import Engine
-from bios.server.plan import CyclePlan, CycleResult
+from bios.server.plan import CyclePlan, CycleResult, SamplePlan, SampleResult
 
 
 class InProcessExecutor:
@@ -23,8 +23,9 @@ class InProcessExecutor:
         self._info = engine.info()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bios-engine")
 
-    def submit(self, plan: CyclePlan) -> Future[CycleResult]:
-        """Queue a plan; raises RuntimeError after `shutdown()`."""
+    def submit(self, plan: CyclePlan | SamplePlan) -> Future[CycleResult] | Future[SampleResult]:
+        """Queue a plan (a training cycle or a sampling chunk); raises RuntimeError after
+        `shutdown()`."""
         return self._worker.submit(self._engine.execute, plan)
 
     def info(self) -> dict[str, Any]:

@@ -38,7 +38,7 @@ import logging
 import random
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bios.server.engine import checkpoints
 from bios.server.engine.checkpoints import CheckpointError
@@ -57,7 +58,9 @@ from bios.server.plan import OpResult, SampleOp, SamplePlan, SampleResult
 
 log = logging.getLogger(__name__)
 
-PROMPT_LOGPROB_CHUNK = 512  # prompt positions unembedded at once for prompt logprobs
+PROMPT_LOGPROB_CHUNK = 256  # prompt positions unembedded at once for prompt logprobs
+# attention kernels for CUDA: all but cuDNN's (see Sampler._compute)
+ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class SampleRequestError(ValueError):
@@ -160,19 +163,18 @@ class DecodeCache(KVCache):
                 f"KV cache of {rows} x {length} beyond its limits {self.row_limit} x "
                 f"{self.len_limit}"
             )
-        if rows > cap_rows:
-            rows = min(max(rows, 2 * cap_rows), self.row_limit)
+        if rows > cap_rows:  # grow by doubling, within the limits
+            cap_rows = min(max(rows, 2 * cap_rows), self.row_limit)
         if length > cap_len:
-            length = min(max(length, 2 * cap_len, 64), self.len_limit)
-        rows, length = max(rows, cap_rows), max(length, cap_len)
-        n = self.num_rows
-        shape = (rows, self.cfg.num_kv_heads, length, self.cfg.head_dim)
+            cap_len = min(max(length, 2 * cap_len, 64), self.len_limit)
+        n, filled = self.num_rows, self.max_len
+        shape = (cap_rows, self.cfg.num_kv_heads, cap_len, self.cfg.head_dim)
         for bufs in (self._kbuf, self._vbuf):
             for i, old in enumerate(bufs):
                 new = torch.zeros(shape, device=self.device, dtype=self.dtype)
-                new[:n, :, :cap_len] = old[:n]
+                new[:n, :, :filled] = old[:n]
                 bufs[i] = new
-        self.max_len = length
+        self.max_len = cap_len
         self._views()
 
     def add_rows(self, k: Sequence[Tensor], v: Sequence[Tensor], count: int) -> None:
@@ -279,7 +281,8 @@ class Sampler:
 
     load_adapter(adapter_dir) -> Adapter reads a snapshot (default: `load_sampler_adapter`);
     snapshots are cached by SampleOp.adapter_key, at most `max_cached_adapters` of them.
-    tokenizer_path (a tokenizer.json) is needed only for stop strings.
+    tokenizer (a `tokenizers.Tokenizer` or the path of a tokenizer.json) is needed only for
+    stop strings. context_length defaults to the config's max_position_embeddings.
     """
 
     def __init__(
@@ -289,7 +292,7 @@ class Sampler:
         *,
         device: torch.device | str,
         autocast_dtype: torch.dtype | None = None,
-        tokenizer_path: str | Path | None = None,
+        tokenizer: Tokenizer | str | Path | None = None,
         load_adapter: Callable[[str], Adapter] | None = None,
         context_length: int | None = None,
         max_batch_rows: int = 64,
@@ -306,7 +309,9 @@ class Sampler:
         self.max_batch_rows = max_batch_rows
         self.max_prefill_tokens = max_prefill_tokens
         self.max_cached_adapters = max_cached_adapters
-        self.tokenizer = Tokenizer.from_file(str(tokenizer_path)) if tokenizer_path else None
+        if isinstance(tokenizer, str | Path):
+            tokenizer = Tokenizer.from_file(str(tokenizer))
+        self.tokenizer = tokenizer
         self._load_adapter = load_adapter or (
             lambda d: load_sampler_adapter(d, model_config, self.device)
         )
@@ -339,6 +344,9 @@ class Sampler:
         finished: list[OpResult] = []
         tokens_before = self.counters.generated_tokens
         for op in plan.admit:
+            if op.request_id in self._unfinished:  # admitted before: its result will come
+                log.warning("sample request %s admitted twice; ignoring the repeat", op.request_id)
+                continue
             try:
                 self._enqueue(op)
             except SampleRequestError as exc:
@@ -351,7 +359,9 @@ class Sampler:
                     self._decode_step(finished)
                 except Exception as exc:
                     log.exception("decode step failed; failing the batch's requests")
-                    self._fail_batch(exc, finished)
+                    self._fail(
+                        {id(r.request): r.request for r in self._rows}.values(), exc, finished
+                    )
                 steps += 1
                 self._admit(finished)
         return SampleResult(
@@ -367,8 +377,6 @@ class Sampler:
     def _enqueue(self, op: SampleOp) -> None:
         """Check the request and queue it; raises SampleRequestError if it cannot run."""
         vocab, ctx = self.config.vocab_size, self.context_length
-        if op.request_id in self._unfinished:
-            raise SampleRequestError(f"request {op.request_id!r} is already being sampled")
         if not op.prompt:
             raise SampleRequestError("the prompt is empty")
         if op.num_samples < 1 or op.max_tokens < 1:
@@ -424,8 +432,7 @@ class Sampler:
                 heads.append(request)
                 free -= request.unseated
             for request, exc in self._prefill([r for r in heads if not r.prefilled]):
-                self._queue.remove(request)
-                self._finish_request(request, finished, error=exc)
+                self._fail([request], exc, finished)
             seats: list[tuple[_Request, int]] = []
             free = self.max_batch_rows - len(self._rows)
             for request in heads:
@@ -433,7 +440,11 @@ class Sampler:
                     count = min(free, request.unseated)
                     seats.append((request, count))
                     free -= count
-            self._seat(seats, finished)
+            try:
+                self._seat(seats, finished)
+            except Exception as exc:
+                log.exception("seating sample requests failed")
+                self._fail([request for request, _ in seats], exc, finished)
             while self._queue and self._queue[0].unseated == 0:
                 done = self._queue.popleft()
                 done.prompt_k = done.prompt_v = done.last_logits = None
@@ -459,6 +470,9 @@ class Sampler:
             try:
                 request.adapter = self._adapter(request.op)
                 ready.append(request)
+            except (CheckpointError, ValueError) as exc:  # missing, malformed or wrong shapes
+                why = f"cannot load adapter {request.op.adapter_key!r}: {exc}"
+                failed.append((request, SampleRequestError(why)))
             except Exception as exc:
                 failed.append((request, exc))
         chunks: list[list[_Request]] = []
@@ -495,7 +509,7 @@ class Sampler:
         cache = KVCache(self.config, B, T, self.device, self.kv_dtype)
         lora = RowLoRA.build([r.adapter for r in requests], T)
         last = torch.tensor(lengths, device=self.device) - 1
-        with self._autocast():
+        with self._compute():
             hidden = self.model(ids, lora=lora, kv_cache=cache)  # (B, T, H)
             last_hidden = hidden[torch.arange(B, device=self.device), last][:, None]  # (B, 1, H)
             logits = self.model.unembed(last_hidden, lora)[:, 0].float()  # (B, V)
@@ -519,7 +533,7 @@ class Sampler:
         topk: list[list[list[float]] | None] = [None]
         for s in range(0, len(op.prompt) - 1, PROMPT_LOGPROB_CHUNK):
             e = min(len(op.prompt) - 1, s + PROMPT_LOGPROB_CHUNK)
-            with self._autocast():
+            with self._compute():
                 logits = self.model.unembed(hidden[:, s:e], lora)[0].float()  # predicts s+1..e
             if op.prompt_logprobs:
                 logprobs.extend(target_logprobs(logits, prompt[s + 1 : e + 1]).tolist())
@@ -547,13 +561,12 @@ class Sampler:
             rows, logits, TokenChooser([r.request.sampling for r in rows], self.device), finished
         )
         live = [row for i, row in enumerate(rows) if i not in done]
-        for request, _ in seats:
-            count = sum(1 for row in live if row.request is request)
-            if count:
-                self._cache.add_rows(request.prompt_k, request.prompt_v, count)
-        self._rows += [row for request, _ in seats for row in live if row.request is request]
-        if live:
-            self._chooser = None
+        for request, _ in seats:  # cache rows and self._rows stay in step
+            joining = [row for row in live if row.request is request]
+            if joining:
+                self._cache.add_rows(request.prompt_k, request.prompt_v, len(joining))
+                self._rows += joining
+                self._chooser = None
 
     # ------------------------------------------------------------------------- decoding
 
@@ -566,18 +579,23 @@ class Sampler:
         longest = max(len(r.request.op.prompt) + len(r.tokens) for r in rows)
         self._cache.reserve(len(rows), longest)  # the last token goes to slot longest - 1
         ids = torch.tensor([[r.tokens[-1]] for r in rows], device=self.device)
-        with self._autocast():
+        with self._compute():
             hidden = self.model(ids, lora=self._lora, kv_cache=self._cache)
             logits = self.model.unembed(hidden, self._lora)[:, 0].float()  # (n, V)
         self.counters.decode_passes += 1
         done = self._sample_and_record(rows, logits, self._chooser, finished)
-        if done:
-            for src, dst in self._cache.remove_rows(sorted(done)):
-                rows[dst] = rows[src]
-            del rows[len(rows) - len(done) :]
-            self._chooser = None
-            if not rows:
-                self._cache.clear()  # free the memory while idle
+        self._drop_rows(done)
+
+    def _drop_rows(self, indices: Collection[int]) -> None:
+        """Remove rows from the batch (and the cache), keeping the two in step."""
+        if not indices:
+            return
+        for src, dst in self._cache.remove_rows(sorted(indices)):
+            self._rows[dst] = self._rows[src]
+        del self._rows[len(self._rows) - len(indices) :]
+        self._chooser = self._lora = None
+        if not self._rows:
+            self._cache.clear()  # free the memory while idle
 
     def _sample_and_record(
         self, rows: list[_Row], logits: Tensor, chooser: TokenChooser, finished: list[OpResult]
@@ -587,12 +605,12 @@ class Sampler:
         uniforms = torch.tensor([row.rng.random() for row in rows], dtype=torch.float64)
         tokens = chooser(logits, uniforms.to(self.device))
         logprobs = target_logprobs(logits, tokens)
+        # one device->host copy for both (token ids are exact in float64)
+        picked = torch.stack([tokens.to(torch.float64), logprobs.to(torch.float64)]).tolist()
         self.counters.generated_tokens += len(rows)
         done = set()
-        for i, (row, token, logprob) in enumerate(
-            zip(rows, tokens.tolist(), logprobs.tolist(), strict=True)
-        ):
-            row.tokens.append(token)
+        for i, (row, token, logprob) in enumerate(zip(rows, *picked, strict=True)):
+            row.tokens.append(int(token))
             row.logprobs.append(logprob)
             reason = self._stop_reason(row)
             if reason is not None:
@@ -637,19 +655,25 @@ class Sampler:
             message = f"{type(error).__name__}: {error}"
             finished.append(OpResult(rid, ok=False, error=message, category="server"))
 
-    def _fail_batch(self, exc: BaseException, finished: list[OpResult]) -> None:
-        """After a failed decode step: fail every request with a row in the batch."""
-        requests = {id(row.request): row.request for row in self._rows}
-        for request in requests.values():
+    def _fail(
+        self, requests: Iterable[_Request], exc: BaseException, finished: list[OpResult]
+    ) -> None:
+        """Fail `requests` (those not finished yet) and free their rows and queue places."""
+        requests = list(requests)
+        doomed = {id(r) for r in requests}
+        self._drop_rows([i for i, row in enumerate(self._rows) if id(row.request) in doomed])
+        for request in requests:
             if request in self._queue:
                 self._queue.remove(request)
-            if request.op.request_id in self._unfinished:  # else it finished in the step
+            if request.op.request_id in self._unfinished:
                 self._finish_request(request, finished, error=exc)
-        self._rows = []
-        self._cache.clear()
-        self._chooser = self._lora = None
 
-    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+    def _compute(self) -> contextlib.ExitStack:
+        """Autocast (if set) and, on CUDA, attention without the cuDNN backend: cuDNN builds
+        a plan per new shape (~7 ms of CPU on an H200), and the key length grows every step."""
+        stack = contextlib.ExitStack()
+        if self.autocast_dtype is not None:
+            stack.enter_context(torch.autocast(self.device.type, dtype=self.autocast_dtype))
+        if self.device.type == "cuda":
+            stack.enter_context(sdpa_kernel(ATTENTION_BACKENDS))
+        return stack

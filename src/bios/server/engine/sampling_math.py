@@ -5,9 +5,11 @@ models, caches, requests or tokenizers (see sampler.py for those).
 
 Randomness: every sampled token costs its row exactly one uniform number in [0, 1), drawn by the
 caller from the row's own `random.Random` (see `row_rng`), and the token is found by inverse-CDF
-search over the row's (tempered, filtered) distribution. So a row's tokens depend only on its
-seed, its sample index and its logits, never on which other rows share the batch, and drawing
-64 rows' numbers is a 64-element list comprehension rather than 64 generator calls on the device.
+search, in vocabulary order, over the row's (tempered, filtered) distribution. So a row's tokens
+depend only on its seed, its sample index and its logits, never on which other rows share the
+batch (the last bits of the logits can, so the search avoids any order that rounding could
+change), and drawing 64 rows' numbers is a 64-element list comprehension rather than 64
+generator calls on the device.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+CDF_BLOCK = 256  # columns per block of the two-level inverse-CDF search
 
 
 @dataclass(frozen=True)
@@ -50,17 +55,36 @@ def row_rng(seed: int | None, sample_index: int) -> random.Random:
     return random.Random(f"bios-sample:{seed}:{sample_index}")  # str seeds hash with SHA-512
 
 
-def _inverse_cdf(probs: Tensor, uniforms: Tensor) -> Tensor:
+def inverse_cdf(probs: Tensor, uniforms: Tensor) -> Tensor:
     """probs (n, V) unnormalized, uniforms (n,) float64 in [0, 1) -> column index (n,).
 
-    Picks the first column whose cumulative mass exceeds u * total, so a zero-probability
-    column is never picked. The cumulative sum runs in float64 so no mass is lost over a
-    large vocabulary.
+    Picks the first column whose cumulative mass exceeds u * total; a zero-probability column
+    is never picked. Two levels keep this cheap without losing mass to rounding over a large
+    vocabulary: float64 cumulative sums over the masses of blocks of CDF_BLOCK columns find
+    the block, then over that block's columns find the column. The only pass over all of
+    `probs` is the fp32 per-block sum.
     """
-    cdf = probs.cumsum(dim=-1, dtype=torch.float64)
-    target = (uniforms * cdf[:, -1])[:, None]
-    picked = torch.searchsorted(cdf, target, right=True)[:, 0]
-    return picked.clamp_(max=probs.shape[1] - 1)
+    n, vocab = probs.shape
+    pad = -vocab % CDF_BLOCK
+    blocks = F.pad(probs, (0, pad)) if pad else probs
+    blocks = blocks.reshape(n, -1, CDF_BLOCK)  # (n, nb, CDF_BLOCK)
+    block_mass = blocks.sum(dim=-1).double()  # (n, nb)
+    block_cdf = block_mass.cumsum(dim=-1)
+    target = uniforms * block_cdf[:, -1]
+    rows = torch.arange(n, device=probs.device)
+    block = _search(block_cdf, target, block_mass > 0)
+    inner = blocks[rows, block].double()  # (n, CDF_BLOCK)
+    offset = block_cdf[rows, block] - block_mass[rows, block]
+    return block * CDF_BLOCK + _search(inner.cumsum(dim=-1), target - offset, inner > 0)
+
+
+def _search(cdf: Tensor, target: Tensor, nonzero: Tensor) -> Tensor:
+    """cdf (n, m), target (n,) -> the first column with cdf > target, but never past the last
+    column with nonzero mass (where rounding could put a target at the very end)."""
+    picked = torch.searchsorted(cdf, target[:, None], right=True)[:, 0]
+    position = torch.arange(1, cdf.shape[1] + 1, device=cdf.device)
+    last = (nonzero * position).argmax(dim=-1)
+    return torch.minimum(picked, last)
 
 
 class TokenChooser:
@@ -113,12 +137,15 @@ class TokenChooser:
             if self.plain_temp is not None:
                 scaled = scaled / self.plain_temp
             probs = torch.softmax(scaled, dim=-1)
-            tokens[self.plain] = _inverse_cdf(probs, uniforms[self.plain])
+            tokens[self.plain] = inverse_cdf(probs, uniforms[self.plain])
         if self.filtered is not None:
             tokens[self.filtered] = self._filtered(logits[self.filtered], uniforms[self.filtered])
         return tokens
 
     def _filtered(self, logits: Tensor, uniforms: Tensor) -> Tensor:
+        """Top-k, then top-p, over the tempered logits; the draw itself runs in vocabulary
+        order, so near-equal logits that sort differently from one batch to the next (float
+        rounding) do not change which token a given uniform picks."""
         vocab = logits.shape[1]
         if self.filtered_temp is not None:
             logits = logits / self.filtered_temp
@@ -131,4 +158,5 @@ class TokenChooser:
         probs = torch.softmax(top, dim=-1)  # renormalized over the top-k
         mass_before = probs.cumsum(dim=-1) - probs
         probs = probs * (mass_before < self.top_p[:, None])  # keeps at least the first token
-        return order.gather(1, _inverse_cdf(probs, uniforms)[:, None])[:, 0]
+        probs = torch.zeros_like(logits).scatter_(1, order, probs)  # back to vocabulary order
+        return inverse_cdf(probs, uniforms)

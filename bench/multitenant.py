@@ -1,0 +1,325 @@
+#!/usr/bin/env python
+"""Multi-tenant batching: K runs training at once on one server vs the same K runs one by one.
+
+For K = 1, 2, 4, 8 and for two clock modes (continuous cycles, and a fixed period), start K
+training runs on one `bios serve` process (the tiny model) and let each take `--steps` small
+steps at once (one step = forward_backward of `--batch` sequences of `--seq-len` tokens plus
+optim_step, both submitted, then both awaited: online / RL-style training). The server batches
+the runs' work into shared cycles. Then train K fresh runs one after another on the same server
+(the serial baseline) and compare throughput (training tokens per second).
+
+In-process (no server): one engine pass over 8 adapters' rows against the same rows on one
+adapter (the cost of mixing adapters), and the resident memory each extra run costs next to a
+separate PEFT process per run.
+
+Prints a table, then the two headline lines last; writes bench/results/multitenant.json.
+Usage: python bench/multitenant.py [--steps 6] [--batch 1] [--period 1.0] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+import bios  # noqa: E402
+from bios import types  # noqa: E402
+from server_process import MODEL_CACHE, ServerProcess  # noqa: E402
+
+TINY = "bios/tiny-llama"
+RESULTS = REPO / "bench" / "results" / "multitenant.json"
+VOCAB = 49152
+RANK = 32
+
+
+def rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def make_data(rng: random.Random, batch: int, seq_len: int) -> list[types.Datum]:
+    out = []
+    for _ in range(batch):
+        toks = [rng.randrange(3, VOCAB) for _ in range(seq_len + 1)]
+        out.append(types.Datum(model_input=types.ModelInput.from_ints(toks[:-1]),
+                               loss_fn_inputs={"target_tokens": toks[1:]}))
+    return out
+
+
+# ----------------------------------------------------------------------------- server part
+
+
+def train(client: bios.TrainingClient, data: list[types.Datum], steps: int) -> None:
+    adam = types.AdamParams(learning_rate=1e-4)
+    for _ in range(steps):
+        fb = client.forward_backward(data, "cross_entropy")
+        opt = client.optim_step(adam)
+        fb.result(timeout=300)
+        opt.result(timeout=300)
+
+
+def batched(sc: bios.ServiceClient, k: int, steps: int, batch: int, seq_len: int,
+            seed: int) -> tuple[float, list[str]]:
+    """K runs stepping at once (one thread each); returns (seconds, run ids)."""
+    clients = [sc.create_lora_training_client(base_model=TINY, rank=RANK, seed=seed + i)
+               for i in range(k)]
+    data = [make_data(random.Random(seed + i), batch, seq_len) for i in range(k)]
+    gate = threading.Barrier(k + 1)
+
+    def worker(i: int) -> None:
+        gate.wait()
+        train(clients[i], data[i], steps)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(k)]
+    for t in threads:
+        t.start()
+    gate.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0, [c.model_id for c in clients]
+
+
+def serial(sc: bios.ServiceClient, k: int, steps: int, batch: int, seq_len: int,
+           seed: int) -> float:
+    """The same K runs trained one after another (creation not timed)."""
+    total = 0.0
+    for i in range(k):
+        client = sc.create_lora_training_client(base_model=TINY, rank=RANK, seed=seed + i)
+        data = make_data(random.Random(seed + i), batch, seq_len)
+        t0 = time.perf_counter()
+        train(client, data, steps)
+        total += time.perf_counter() - t0
+    return total
+
+
+def server_mode(name: str, period: float, ks: list[int], steps: int, batch: int,
+                seq_len: int) -> list[dict[str, Any]]:
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bios-bench-mt-") as tmp:
+        server = ServerProcess(Path(tmp), [TINY], clock_period=period).start()
+        try:
+            os.environ["BIOS_BASE_URL"] = server.base_url
+            sc = bios.ServiceClient()
+            rest = sc.create_rest_client()
+            warm = sc.create_lora_training_client(base_model=TINY, rank=RANK, seed=999)
+            train(warm, make_data(random.Random(999), batch, seq_len), 2)
+            tokens_per_step = batch * seq_len
+            for k in ks:
+                b_s, run_ids = batched(sc, k, steps, batch, seq_len, seed=100 * k)
+                metrics = [rest.get_run_metrics(r) for r in run_ids]
+                s_s = serial(sc, k, steps, batch, seq_len, seed=100 * k + 50)
+                n_tokens = k * steps * tokens_per_step
+                row = {
+                    "mode": name, "period_s": period, "k": k, "steps_per_run": steps,
+                    "tokens_per_step": tokens_per_step,
+                    "batched_s": b_s, "serial_s": s_s,
+                    "batched_tok_s": n_tokens / b_s, "serial_tok_s": n_tokens / s_s,
+                    "ratio": s_s / b_s,
+                    "cycles_per_run": statistics.mean(m.cycles_with_work for m in metrics),
+                    "missed_per_run": statistics.mean(m.missed_cycles for m in metrics),
+                    "queue_wait_per_req_ms": 1000 * statistics.mean(
+                        m.queue_wait_s / m.requests for m in metrics),
+                    "engine_busy_frac": statistics.mean(
+                        m.engine_busy_s / m.active_s for m in metrics if m.active_s > 0),
+                    "tokens_ok": all(m.tokens == steps * tokens_per_step for m in metrics),
+                }
+                rows.append(row)
+                print(f"  {name:10s} K={k}: batched {row['batched_tok_s']:7.1f} tok/s, serial "
+                      f"{row['serial_tok_s']:7.1f} tok/s, ratio {row['ratio']:.2f}", flush=True)
+            util = rest.get_engine_utilization(last=20)
+            rows[-1]["last_cycles"] = [c.model_dump() for c in util.cycles[-5:]]
+        finally:
+            server.stop()
+            os.environ.pop("BIOS_BASE_URL", None)
+    return rows
+
+
+# ----------------------------------------------------------------------------- in-process part
+
+
+def inprocess(batch: int, seq_len: int, reps: int, extra_runs: int) -> dict[str, Any]:
+    import torch
+
+    from bios.server import plan as P
+    from bios.server.engine.engine import Engine
+    from bios.server.engine.registry import ModelRegistry
+
+    model_dir = ModelRegistry(MODEL_CACHE, [TINY]).materialize(TINY)
+    engine = Engine.from_model_dir(model_dir, device="cpu")
+    rng = random.Random(0)
+
+    def rows(n: int) -> list[P.DatumRows]:
+        out = []
+        for _ in range(n):
+            toks = [rng.randrange(3, VOCAB) for _ in range(seq_len + 1)]
+            out.append(P.DatumRows(tokens=toks[:-1], loss_inputs={"target_tokens": toks[1:]}))
+        return out
+
+    def run(steps: list[P.Step]) -> P.CycleResult:
+        res = engine.execute(P.CyclePlan(0, TINY, steps))
+        assert all(r.ok for r in res.results), [r.error for r in res.results if not r.ok]
+        return res
+
+    def step_of(run_id: str, data: list[P.DatumRows]) -> list[P.Step]:
+        return [P.PassGroup([P.ForwardBackwardOp(f"{run_id}-fb", run_id, data,
+                                                 "cross_entropy", {})]),
+                P.OptimStepOp(f"{run_id}-opt", run_id, {"learning_rate": 1e-4})]
+
+    # Memory: one run trained (allocator warm), then `extra_runs` more, each trained alone so
+    # peak activations stay those of one small pass; per extra run = RSS growth / extra_runs.
+    run([P.CreateAdapterOp("c0", "r0", P.AdapterSpec(rank=RANK, seed=0))])
+    for _ in range(2):
+        run(step_of("r0", rows(batch)))
+    gc.collect()
+    rss_one = rss_mib()
+    for i in range(1, extra_runs + 1):
+        run([P.CreateAdapterOp(f"c{i}", f"r{i}", P.AdapterSpec(rank=RANK, seed=i))])
+        run(step_of(f"r{i}", rows(batch)))
+    gc.collect()
+    rss_all = rss_mib()
+    adapter = engine.runs["r0"].adapter
+    param_mib = sum(p.numel() * p.element_size() for p in adapter.parameters()) / 2**20
+
+    # Mixing: the same 8 x batch rows in one pass, on 8 adapters vs on one adapter.
+    data = [rows(batch) for _ in range(8)]
+    mixed = [P.PassGroup([P.ForwardBackwardOp(f"m{i}", f"r{i}", data[i], "cross_entropy", {})
+                          for i in range(8)])]
+    single = [P.PassGroup([P.ForwardBackwardOp(f"s{i}", "r0", data[i], "cross_entropy", {})
+                           for i in range(8)])]
+    t_mixed, t_single = [], []
+    for rep in range(reps + 2):
+        for plan, acc in ((mixed, t_mixed), (single, t_single)):
+            t0 = time.perf_counter()
+            res = run(plan)
+            if rep >= 2:  # two warm-up rounds
+                acc.append(time.perf_counter() - t0)
+            assert res.stats.passes == 1
+    peft = peft_process_rss(model_dir)
+    return {
+        "threads": torch.get_num_threads(),
+        "autocast": str(engine.autocast_dtype), "base_dtype": str(next(
+            engine.model.parameters()).dtype),
+        "mix_rows": 8 * batch, "mix_tokens": 8 * batch * seq_len,
+        "mixed_ms": 1000 * statistics.median(t_mixed),
+        "single_ms": 1000 * statistics.median(t_single),
+        "mix_cost": statistics.median(t_mixed) / statistics.median(t_single) - 1,
+        "rss_server_one_run_mib": rss_one,
+        "rss_per_extra_run_mib": (rss_all - rss_one) / extra_runs,
+        "adapter_param_mib": param_mib,
+        "extra_runs_measured": extra_runs,
+        "peft_process_rss_mib": peft,
+    }
+
+
+PEFT_SCRIPT = r"""
+import sys, torch
+from transformers import LlamaForCausalLM
+from peft import LoraConfig, get_peft_model
+d, seq_len, rank = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+model = LlamaForCausalLM.from_pretrained(d, torch_dtype=torch.float32)
+cfg = LoraConfig(r=rank, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                 "gate_proj", "up_proj", "down_proj"])
+model = get_peft_model(model, cfg)
+opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+ids = torch.randint(3, 49152, (1, seq_len + 1))
+for _ in range(2):
+    out = model(input_ids=ids[:, :-1], labels=ids[:, :-1])
+    out.loss.backward(); opt.step(); opt.zero_grad()
+rss = [l for l in open("/proc/self/status") if l.startswith("VmRSS:")][0].split()[1]
+print(int(rss) / 1024)
+"""
+
+
+def peft_process_rss(model_dir: Path, seq_len: int = 64) -> float:
+    """RSS (MiB) of a separate process serving one run: transformers Llama + PEFT LoRA
+    (r=RANK on the 7 projections), after two training steps."""
+    out = subprocess.run([sys.executable, "-c", PEFT_SCRIPT, str(model_dir), str(seq_len),
+                          str(RANK)], capture_output=True, text=True, check=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def machine() -> dict[str, Any]:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in
+                Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")),
+               platform.processor())
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=6, help="steps per run")
+    ap.add_argument("--batch", type=int, default=1, help="sequences per step")
+    ap.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
+    ap.add_argument("--period", type=float, default=1.0, help="the fixed clock period (s)")
+    ap.add_argument("--reps", type=int, default=10, help="in-process timing repetitions")
+    ap.add_argument("--quick", action="store_true", help="K = 1, 8 only, 3 steps")
+    ap.add_argument("--skip-server", action="store_true")
+    ap.add_argument("--skip-inprocess", action="store_true")
+    args = ap.parse_args()
+    ks = [1, 8] if args.quick else [1, 2, 4, 8]
+    steps = 3 if args.quick else args.steps
+    info = machine()
+    print(f"machine: {info['cpu']}, {info['cores']} cores; {info['uptime']}", flush=True)
+    result: dict[str, Any] = {"machine": info, "args": vars(args), "server": []}
+    t_start = time.perf_counter()
+    if not args.skip_inprocess:
+        result["inprocess"] = inprocess(args.batch, args.seq_len, args.reps, extra_runs=16)
+    if not args.skip_server:
+        for name, period in (("continuous", 0.0), ("fixed", args.period)):
+            result["server"] += server_mode(name, period, ks, steps, args.batch, args.seq_len)
+    result["machine"]["uptime_end"] = subprocess.run(
+        ["uptime"], capture_output=True, text=True).stdout.strip()
+    result["wall_s"] = time.perf_counter() - t_start
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+
+    print()
+    if "inprocess" in result:
+        ip = result["inprocess"]
+        print(f"in-process, one pass of {ip['mix_rows']} rows ({ip['mix_tokens']} tokens), "
+              f"{ip['threads']} threads, base {ip['base_dtype']}, autocast {ip['autocast']}:")
+        print(f"  8 adapters {ip['mixed_ms']:.1f} ms vs 1 adapter {ip['single_ms']:.1f} ms: "
+              f"mixing costs {100 * ip['mix_cost']:+.1f}%")
+        print(f"  RSS per extra run {ip['rss_per_extra_run_mib']:.1f} MiB (adapter weights "
+              f"{ip['adapter_param_mib']:.1f} MiB; x4 with grads and AdamW) vs a separate "
+              f"PEFT process per run {ip['peft_process_rss_mib']:.0f} MiB")
+        print()
+    if result["server"]:
+        print("| mode | K | batched tok/s | serial tok/s | batched/serial | cycles/run | "
+              "missed/run | queue wait/req ms | engine busy |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in result["server"]:
+            mode = r["mode"] if r["period_s"] == 0 else f"fixed {r['period_s']:g}s"
+            print(f"| {mode} | {r['k']} | {r['batched_tok_s']:.0f} | {r['serial_tok_s']:.0f} | "
+                  f"{r['ratio']:.2f} | {r['cycles_per_run']:.1f} | {r['missed_per_run']:.1f} "
+                  f"| {r['queue_wait_per_req_ms']:.0f} | {r['engine_busy_frac']:.2f} |")
+        print(f"\n(total {result['wall_s']:.0f} s; {result['machine']['uptime_end']})")
+        by = {(r["mode"], r["k"]): r["ratio"] for r in result["server"]}
+        print(f"batched/serial throughput ratio at K=8, continuous: {by[('continuous', 8)]:.2f}")
+        print(f"batched/serial throughput ratio at K=8, fixed period: {by[('fixed', 8)]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
