@@ -189,6 +189,7 @@ def inprocess(batch: int, seq_len: int, reps: int, extra_runs: int) -> dict[str,
         run(step_of("r0", rows(batch)))
     gc.collect()
     rss_one = rss_mib()
+    extra_runs = max(extra_runs, 7)  # the mixing part below needs 8 runs
     for i in range(1, extra_runs + 1):
         run([P.CreateAdapterOp(f"c{i}", f"r{i}", P.AdapterSpec(rank=RANK, seed=i))])
         run(step_of(f"r{i}", rows(batch)))

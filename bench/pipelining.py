@@ -11,7 +11,8 @@ batches each time), each batch `--batch` sequences of `--seq-len` tokens.
   efficient d  bios.train(mode="efficient", pipeline_depth=d): d steps kept queued.
 
 One server at a time (fixed period first, then continuous), each warmed up by a short untimed
-job. Prints a table, then the headline last:
+job; every mode runs `--repeats` times (interleaved) and keeps its fastest run, since the numbers
+swing with other load on a shared machine. Prints a table, then the headline last:
 `efficient/simple throughput ratio: X` (depth 4, fixed period). Writes
 bench/results/pipelining.json.
 
@@ -116,21 +117,31 @@ def run_job(service: bios.ServiceClient, model: str, rank: int, batches: list, m
 
 
 def bench_server(args: argparse.Namespace, period: float, batches: list) -> list[dict[str, Any]]:
+    """Every mode against one server, `--repeats` rounds (interleaved, so a burst of load from
+    other processes hits different modes); each mode keeps its fastest round."""
     data_dir = Path(tempfile.mkdtemp(prefix="bios-bench-pipelining-"))
     server = ServerProcess(data_dir, [args.model], clock_period=period).start()
     try:
         service = bios.ServiceClient(base_url=server.base_url)
         # Warm-up (untimed): first passes allocate, compile kernels, fill caches.
         run_job(service, args.model, args.rank, batches[:3], "efficient", 4)
-        rows = []
         plan = [("simple", 1), ("overlap", OVERLAP_CHUNK)] + [("efficient", d) for d in DEPTHS]
-        for mode, depth in plan:
-            row = run_job(service, args.model, args.rank, batches, mode, depth)
-            row["clock_period"] = period
-            rows.append(row)
-            print(f"  period={period:g} {label(row):<12} {row['wall_s']:7.2f} s "
-                  f"{row['steps_per_s']:7.3f} steps/s  load {row['load_after'][0]}", flush=True)
-        return rows
+        best: dict[tuple[str, int], dict[str, Any]] = {}
+        for rnd in range(args.repeats):
+            for mode, depth in plan:
+                row = run_job(service, args.model, args.rank, batches, mode, depth)
+                row["clock_period"] = period
+                print(f"  round {rnd + 1} period={period:g} {label(row):<14} "
+                      f"{row['wall_s']:7.2f} s {row['steps_per_s']:7.3f} steps/s  "
+                      f"load {row['load_after'][0]}", flush=True)
+                prev = best.get((mode, depth))
+                row["rounds_steps_per_s"] = [*(prev or {}).get("rounds_steps_per_s", []),
+                                             row["steps_per_s"]]
+                if prev is None or row["steps_per_s"] > prev["steps_per_s"]:
+                    best[(mode, depth)] = row
+                else:
+                    prev["rounds_steps_per_s"] = row["rounds_steps_per_s"]
+        return [best[key] for key in plan]
     finally:
         server.stop()
 
@@ -160,7 +171,9 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="bios/tiny-llama")
-    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="rounds per server; each mode reports its fastest (shared machines)")
     ap.add_argument("--batch", type=int, default=2, help="sequences per step")
     ap.add_argument("--seq-len", type=int, default=32)
     ap.add_argument("--rank", type=int, default=8)
@@ -185,7 +198,8 @@ def main() -> None:
     by = {(r["clock_period"], r["mode"], r["depth"]): r["steps_per_s"] for r in rows}
     ratio = by[(args.clock_period, "efficient", 4)] / by[(args.clock_period, "simple", None)]
     result = {"machine": info, "model": args.model, "steps": args.steps, "batch": args.batch,
-              "seq_len": args.seq_len, "rank": args.rank, "clock_period": args.clock_period,
+              "seq_len": args.seq_len, "rank": args.rank, "repeats": args.repeats,
+              "clock_period": args.clock_period,
               "total_s": round(time.perf_counter() - t0, 1), "rows": rows,
               "headline": {"efficient_d4_over_simple_fixed_period": round(ratio, 3)}}
     args.out.parent.mkdir(parents=True, exist_ok=True)

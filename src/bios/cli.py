@@ -41,7 +41,9 @@ def _serve(args: argparse.Namespace) -> int:
         api_keys=api_keys, **{k: v for k, v in (
             ("max_queued_per_run", args.max_queued_per_run),
             ("max_queued_per_tenant", args.max_queued_per_tenant),
-            ("max_queued_total", args.max_queued_total)) if v is not None},
+            ("max_queued_total", args.max_queued_total),
+            ("snapshot_steps", args.snapshot_steps),
+            ("snapshot_seconds", args.snapshot_seconds)) if v is not None},
     )
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -108,6 +110,12 @@ def main(argv: list[str] | None = None) -> int:
                        help="backpressure: queued requests per tenant before a 429")
     serve.add_argument("--max-queued-total", type=int, default=None, metavar="N",
                        help="backpressure: queued requests on the server before a 429")
+    serve.add_argument("--snapshot-steps", type=int, default=None, metavar="N",
+                       help="crash recovery: snapshot a run's state every N optim steps "
+                            "(default 50); a restart replays the requests since its snapshot")
+    serve.add_argument("--snapshot-seconds", type=float, default=None, metavar="SECONDS",
+                       help="crash recovery: also snapshot a run whose unsaved changes are "
+                            "this old (default 120)")
     serve.set_defaults(func=_serve)
 
     keys = sub.add_parser("keys", help="manage API keys")

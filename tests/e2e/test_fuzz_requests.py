@@ -391,3 +391,25 @@ def test_server_still_trains_after_the_fuzz(server: ServerProcess) -> None:
         types.ModelInput.from_ints([5, 17]), 1,
         types.SamplingParams(max_tokens=3, temperature=0.0)).result(timeout=120)
     assert len(out.sequences[0].tokens) == 3
+
+
+def test_chunked_bodies_are_limited_too(target: Target) -> None:
+    """A body without Content-Length (chunked) is read only up to the limit (64 MiB)."""
+    def small() -> Any:
+        yield b'{"tags": '
+        yield b'["chunked"]}'
+
+    r = target.http.post("/create_session", content=small(),
+                         headers={"Content-Type": "application/json"})
+    assert r.status_code == 200 and r.json()["session_id"]
+
+    def huge() -> Any:
+        yield b'{"tags": ["'
+        block = b"x" * (1 << 20)
+        for _ in range(65):
+            yield block
+        yield b'"]}'
+
+    r = target.http.post("/create_session", content=huge(),
+                         headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["code"] == "too_large"

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from server_process import MODEL_CACHE
 
 import bios
 from bios import types
 from bios.exceptions import BadRequestError, BiosAPIError
+from server_process import MODEL_CACHE
 
 TINY = "bios/tiny-llama"
 PROMPT = types.ModelInput.from_ints([1, 504, 2119, 314, 260, 1345, 282])

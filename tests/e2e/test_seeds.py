@@ -203,7 +203,7 @@ def test_robust_training_error_handling(service_client, tokenizer) -> None:
                 # Optionally retry or skip batch
                 continue
 
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.append(f"Step {step}: Timeout - retrying...")
 
             except Exception as e:

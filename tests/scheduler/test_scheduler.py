@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from concurrent.futures import Future
 from pathlib import Path
@@ -11,7 +10,7 @@ import pytest
 
 from bios.server import plan as P
 from bios.server.scheduler import ClockLoop, build_plan
-from bios.server.store import COMPLETED, FAILED, RUNNING, ClaimedRequest, RunRow, Store
+from bios.server.store import COMPLETED, FAILED, ClaimedRequest, RunRow, Store
 
 MODEL = "m"
 
@@ -140,14 +139,3 @@ def test_clock_cycle_records_results_and_failures_alone(store: Store) -> None:
     assert set(notified) >= {ok, bad}
     assert loop.run_cycle() is None  # nothing left
     assert "cycle 1 model=m runs=1 ops=4" in entry.line()
-
-
-def test_restart_fails_unfinished_requests_and_marks_runs(store: Store) -> None:
-    make_run(store, "r1")
-    rid = submit(store, "r1", 1)
-    store.claim_cycle(MODEL, cutoff=time.time())
-    assert store.get_request(rid).status == RUNNING
-    assert store.mark_lost_runs("restarted") == 1
-    assert store.get_request(rid).status == FAILED
-    assert store.get_run("r1").lost_reason == "restarted"
-    assert json.loads(store.get_request(rid).payload)["owner"] == "local"

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text, update
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for postgres_server
 
@@ -26,6 +27,7 @@ from bios.server.store import (
     Base,
     CheckpointRow,
     QueueFullError,
+    RequestRow,
     RunRow,
     SamplerRow,
     SeqConflictError,
@@ -246,22 +248,42 @@ def test_sessions_and_heartbeat(store: Store) -> None:
     assert store.get_session(sid).last_heartbeat > before
 
 
-def test_restart_fails_unfinished_requests_and_marks_runs(store: Store) -> None:
+def test_restart_recovery_requeues_running_and_lists_replay(store: Store) -> None:
     make_run(store, "r1")
     make_run(store, "r2")
-    rid = submit(store, "r1", 1)
-    store.claim_cycle(MODEL, cutoff=time.time())
+    claim_seqs(store)  # both creates run
+    for run in ("r1", "r2"):
+        with store.tx() as tx:
+            tx.execute(update(RequestRow).where(RequestRow.run_id == run)
+                       .values(status=COMPLETED))
+    done = submit(store, "r1", 1)
+    running = submit(store, "r1", 2)
+    claim_seqs(store)
+    store.finish(done, result={})
     queued = submit(store, "r2", 1)
-    assert store.get_request(rid).status == RUNNING
-    assert store.mark_lost_runs("restarted") == 2
-    for r in (rid, queued):
-        row = store.get_request(r)
-        assert row.status == FAILED and row.error == "restarted"
-        assert row.error_category == "server"
-    assert store.get_run("r1").lost_reason == "restarted"
-    assert store.get_run("r2").lost_reason == "restarted"
-    assert store.mark_lost_runs("again") == 0
-    assert store.get_run("r1").lost_reason == "restarted"
+    recs = {r.run.id: r for r in store.prepare_recovery(MODEL)}
+    assert [q.id for q in recs["r1"].replay] == [done] and recs["r1"].requeued == 1
+    assert recs["r2"].replay == [] and recs["r2"].requeued == 0
+    assert store.get_request(running).status == QUEUED
+    assert store.get_run("r1").next_seq == 2
+    store.set_snapshot("r1", "/state/r1/seq-1", 1)
+    assert store.prepare_recovery(MODEL)[0].replay == []
+    assert store.mark_run_lost("r2", "gone") == 1
+    row = store.get_request(queued)
+    assert row.status == FAILED and row.error == "gone" and row.error_category == "server"
+    assert store.get_run("r2").lost_reason == "gone"
+    assert [r.run.id for r in store.prepare_recovery(MODEL)] == ["r1"]
+
+
+def test_old_schema_gets_new_nullable_columns(store: Store, pg: PostgresServer) -> None:
+    with store.engine.begin() as conn:
+        conn.execute(text("ALTER TABLE training_runs DROP COLUMN snapshot_dir"))
+        conn.execute(text("ALTER TABLE training_runs DROP COLUMN snapshot_seq"))
+    again = Store(pg.url)  # a newer server on an older database adds them
+    make_run(again, "r1")
+    again.set_snapshot("r1", "/x", 3)
+    assert again.get_run("r1").snapshot_seq == 3
+    again.close()
 
 
 # ----------------------------------------------------------------------------- concurrency

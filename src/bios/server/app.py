@@ -107,12 +107,32 @@ def create_app(config: ServerConfig, service: BiosService | None = None) -> Fast
         return _error(e.status, e.detail, e.field, e.code, headers, e.extra)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+    async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0] if e.errors() else {}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         field = ".".join(loc) or None
         msg = first.get("msg", "invalid request")
-        return _error(400, f"{field}: {msg}" if field else msg, field, "invalid_request")
+        err = APIError(400, f"{field}: {msg}" if field else msg, field, "invalid_request")
+        await _fill_rejected_slot(request, err)
+        return _error(err.status, err.detail, err.field, err.code)
+
+    async def _fill_rejected_slot(request: Request, err: APIError) -> None:
+        """A body that fails schema validation but names its run and seq_id still takes its
+        slot, so the run's later requests do not wait for it forever."""
+        try:
+            body = await request.json()
+        except Exception:
+            return
+        if not isinstance(body, dict):
+            return
+        run_id, seq_id = body.get("model_id"), body.get("seq_id")
+        if isinstance(run_id, str) and isinstance(seq_id, int) and not isinstance(seq_id, bool):
+            kind = request.url.path.rsplit("/", 1)[-1]
+            try:
+                owner = owner_of(request)
+            except APIError:
+                return
+            await run_in_threadpool(svc.reject, owner, run_id, seq_id, kind, err)
 
     @app.middleware("http")
     async def _limit_body(request: Request, call_next: Callable[..., Any]) -> Any:
@@ -120,6 +140,17 @@ def create_app(config: ServerConfig, service: BiosService | None = None) -> Fast
         if size is not None and size.isdigit() and int(size) > config.max_body_bytes:
             return _error(413, f"request body of {size} bytes exceeds the limit of "
                           f"{config.max_body_bytes}; send smaller batches", None, "too_large")
+        if size is None and "transfer-encoding" in request.headers:
+            # A chunked body has no length up front: read it here, but only up to the limit.
+            chunks, total = [], 0
+            async for chunk in request.stream():
+                total += len(chunk)
+                if total > config.max_body_bytes:
+                    return _error(413, f"request body exceeds the limit of "
+                                  f"{config.max_body_bytes} bytes; send smaller batches", None,
+                                  "too_large")
+                chunks.append(chunk)
+            request._body = b"".join(chunks)  # replayed to the route by Starlette
         return await call_next(request)
 
     keyring = KeyRing(tuple((str(t), str(h)) for t, h in config.api_keys))

@@ -33,6 +33,10 @@ class ServerConfig:
     max_tokens_per_request: int = 262_144
     max_rank: int = 256
     max_samples_per_request: int = 128
+    # Crash recovery: snapshot a run's state (data_dir/state/<run>/) once it has this many
+    # optim steps, or a change this many seconds old, not yet in a snapshot (bounds replay).
+    snapshot_steps: int = 50
+    snapshot_seconds: float = 120.0
     model_cache: Path | None = None  # default: data_dir/models; share one across servers
     # (tenant, sha256 hex of a key) pairs; empty: local mode, one tenant "local", loopback only.
     api_keys: list[tuple[str, str]] = field(default_factory=list)
@@ -49,6 +53,11 @@ class ServerConfig:
     @property
     def checkpoint_dir(self) -> Path:
         return self.data_dir / "checkpoints"
+
+    @property
+    def state_dir(self) -> Path:
+        """Run-private crash-recovery snapshots (not user checkpoints)."""
+        return self.data_dir / "state"
 
     @property
     def model_cache_dir(self) -> Path:

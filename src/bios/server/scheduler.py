@@ -14,16 +14,26 @@ only change at single ops, so this reordering across runs never changes any run'
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from bios.server import plan as P
-from bios.server.store import CheckpointRow, ClaimedRequest, RunWork, SamplerRow, Store
+from bios.server.store import (
+    CheckpointRow,
+    ClaimedRequest,
+    RunRow,
+    RunWork,
+    SamplerRow,
+    Store,
+)
 
 log = logging.getLogger("bios.scheduler")
 
@@ -61,7 +71,10 @@ def to_op(req: ClaimedRequest, run_spec: P.AdapterSpec | None) -> P.Step:
         return P.OptimStepOp(req.id, run_id, dict(wire.get("adam_params") or {}))
     if req.kind in ("save_weights", "save_weights_for_sampler"):
         ck = p["checkpoint"]
-        return P.SaveStateOp(req.id, run_id, ck["directory"], ck["kind"], p["base_model_name"])
+        # The canonical name, so a checkpoint of a run created under an alias loads into any
+        # run on the same model (and a PEFT export names the real base model).
+        base = p.get("canonical_model", p["base_model_name"])
+        return P.SaveStateOp(req.id, run_id, ck["directory"], ck["kind"], base)
     if req.kind == "load_weights":
         return P.LoadStateOp(req.id, run_id, p["directory"], bool(wire.get("optimizer")))
     raise ValueError(f"unknown request kind {req.kind!r}")
@@ -110,7 +123,25 @@ def run_work(plan: P.CyclePlan, stats: P.CycleStats) -> dict[str, RunWork]:
             for r, n in ops.items()}
 
 
+def spec_of(run: RunRow) -> P.AdapterSpec:
+    return P.AdapterSpec(rank=run.rank, seed=run.seed, alpha=run.alpha, train_attn=run.train_attn,
+                         train_mlp=run.train_mlp, train_unembed=run.train_unembed)
+
+
 # ----------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class _Unsaved:
+    """A run's state changes since its last snapshot (for the snapshot policy)."""
+
+    since: float  # time of the first change not in a snapshot
+    steps: int = 0  # optim_steps not in a snapshot
+    force: bool = False  # a load_weights is not in a snapshot: snapshot at the next chance
+
+    def due(self, now: float, every_steps: int, every_s: float) -> bool:
+        return (self.force or (every_steps > 0 and self.steps >= every_steps)
+                or (every_s > 0 and now - self.since >= every_s))
 
 
 @dataclass
@@ -141,7 +172,9 @@ class ClockLoop:
     """
 
     def __init__(self, *, base_model: str, store: Store, executor: Executor, period: float,
-                 notify: Callable[[list[str]], None], cycle_ids: Callable[[], int]):
+                 notify: Callable[[list[str]], None], cycle_ids: Callable[[], int],
+                 state_dir: str | Path | None = None, snapshot_steps: int = 50,
+                 snapshot_seconds: float = 120.0):
         self.base_model = base_model
         self.store = store
         self.executor = executor
@@ -156,6 +189,11 @@ class ClockLoop:
         self._thread = threading.Thread(target=self._run, name=f"clock[{base_model}]",
                                         daemon=True)
         self.last_cycle: CycleLog | None = None
+        # Crash recovery: periodic snapshots of each run's state (None: no snapshots).
+        self.state_dir = Path(state_dir) if state_dir is not None else None
+        self.snapshot_steps = snapshot_steps
+        self.snapshot_seconds = snapshot_seconds
+        self._unsaved: dict[str, _Unsaved] = {}  # runs whose state changed since a snapshot
 
     def start(self) -> None:
         self._thread.start()
@@ -259,6 +297,7 @@ class ClockLoop:
                          st.engine_ms, total_ms, dict(st.ops_by_kind))
         self.last_cycle = entry
         log.info(entry.line())
+        self._snapshot_due_runs(plan, result, claimed)
         return entry
 
     def _specs_for(self, claimed: list[ClaimedRequest]) -> dict[str, P.AdapterSpec]:
@@ -267,10 +306,170 @@ class ClockLoop:
             if req.kind == "create" and req.run_id:
                 run = self.store.get_run(req.run_id)
                 assert run is not None
-                specs[req.run_id] = P.AdapterSpec(
-                    rank=run.rank, seed=run.seed, alpha=run.alpha, train_attn=run.train_attn,
-                    train_mlp=run.train_mlp, train_unembed=run.train_unembed)
+                specs[req.run_id] = spec_of(run)
         return specs
+
+    # ------------------------------------------------------------------ crash recovery
+
+    def _snapshot_due_runs(self, plan: P.CyclePlan, result: P.CycleResult,
+                           claimed: list[ClaimedRequest]) -> None:
+        """After a cycle: snapshot the runs whose state changed and whose last snapshot is
+        `snapshot_steps` optim steps or `snapshot_seconds` old (at once after a load_weights).
+
+        Only when the run's last state-changing op of the cycle was a successful optim_step or
+        load (its gradients are zero: a snapshot holds weights and AdamW state, not pending
+        gradients). The snapshot contains the effects of every request up to the run's last
+        claimed seq of this cycle, which the store records as snapshot_seq.
+        """
+        if self.state_dir is None:
+            return
+        ok = {r.request_id: r.ok for r in result.results}
+        now = time.time()
+        clean: dict[str, bool] = {}  # run -> its last state-changing op left no gradients
+        for step in plan.steps:
+            for op in step.ops if isinstance(step, P.PassGroup) else [step]:
+                good = ok.get(op.request_id, False)
+                if isinstance(op, P.ForwardBackwardOp):
+                    if op.forward_only or not good:
+                        continue  # no effect on the run's state
+                    clean[op.run_id] = False
+                elif isinstance(op, P.OptimStepOp):
+                    clean[op.run_id] = good  # a failed step may or may not have zeroed grads
+                    if not good:
+                        continue
+                elif isinstance(op, P.LoadStateOp):
+                    if not good:
+                        continue  # a load validates everything before it changes anything
+                    clean[op.run_id] = True
+                else:
+                    continue
+                u = self._unsaved.setdefault(op.run_id, _Unsaved(since=now))
+                u.steps += isinstance(op, P.OptimStepOp)
+                u.force = u.force or isinstance(op, P.LoadStateOp)
+        last_seq: dict[str, int] = {}
+        for req in claimed:
+            if req.run_id and req.seq_id is not None:
+                last_seq[req.run_id] = max(last_seq.get(req.run_id, 0), req.seq_id)
+        due = {run: last_seq[run] for run, c in clean.items()
+               if c and run in last_seq and self._unsaved[run].due(
+                   now, self.snapshot_steps, self.snapshot_seconds)}
+        if due:
+            self._write_snapshots(plan.cycle_id, due)
+
+    def _write_snapshots(self, cycle_id: int, due: dict[str, int]) -> None:
+        """Save each run's training state (weights + AdamW) under state_dir/<run>/, record it
+        in the store, then delete the run's older snapshots (and any crashed partial write)."""
+        assert self.state_dir is not None
+        dirs = {run: self.state_dir / run.replace(":", "__")
+                / f"seq-{seq:010d}-{uuid.uuid4().hex[:8]}" for run, seq in due.items()}
+        ops: list[P.Step] = [P.SaveStateOp(f"snapshot:{run}:{seq}", run, str(dirs[run]),
+                                           "training", self.base_model)
+                             for run, seq in due.items()]
+        t0 = time.perf_counter()
+        try:
+            res: P.CycleResult = self.executor.submit(  # type: ignore[assignment]
+                P.CyclePlan(cycle_id, self.base_model, ops)).result()
+        except Exception:
+            log.exception("snapshots failed for %s", self.base_model)
+            return
+        saved = 0
+        for op, r in zip(ops, res.results, strict=False):
+            assert isinstance(op, P.SaveStateOp)
+            if not r.ok:
+                log.warning("snapshot of run %s failed: %s", op.run_id, r.error)
+                continue
+            self.store.set_snapshot(op.run_id, op.directory, due[op.run_id])
+            self._unsaved.pop(op.run_id, None)
+            saved += 1
+            keep = Path(op.directory)
+            for old in keep.parent.iterdir():
+                if old != keep:
+                    shutil.rmtree(old, ignore_errors=True)
+        log.info("snapshots model=%s runs=%d ms=%.1f", self.base_model, saved,
+                 (time.perf_counter() - t0) * 1000)
+
+    def recover(self) -> list[str]:
+        """Rebuild every run's engine state from the durable log; call before `start()`.
+
+        Per run (not lost, created): create its adapter (same spec and seed), load its last
+        snapshot with optimizer state if it has one, then replay its completed state-changing
+        requests after the snapshot in seq order: one batched plan through the normal engine,
+        results discarded (they were recorded before the crash). Requests that were running
+        are queued again (Store.prepare_recovery), so each optim_step applies exactly once.
+        A run whose replay fails is marked lost and its pending requests fail. Returns the
+        recovered run ids; logs one line per run.
+        """
+        t0 = time.perf_counter()
+        recs = self.store.prepare_recovery(self.base_model)
+        claimed: list[ClaimedRequest] = []
+        specs: dict[str, P.AdapterSpec] = {}
+        lost: dict[str, str] = {}
+        for rec in recs:
+            run_id = rec.run.id
+            specs[run_id] = spec_of(rec.run)
+            mine = [ClaimedRequest(f"recover:{run_id}:create", run_id, 0, "create", {"wire": {}})]
+            if rec.snapshot_dir:
+                mine.append(ClaimedRequest(
+                    f"recover:{run_id}:snapshot", run_id, rec.snapshot_seq, "load_weights",
+                    {"wire": {"optimizer": True}, "directory": rec.snapshot_dir}))
+            mine.extend(rec.replay)
+            try:
+                for req in mine:
+                    to_op(req, specs[run_id])
+            except Exception as e:  # a stored payload the planner cannot read
+                lost[run_id] = f"cannot replay its request log: {type(e).__name__}: {e}"
+                continue
+            claimed.extend(mine)
+        owner = {r.id: r.run_id or "" for r in claimed}
+        results: list[P.OpResult] = []
+        stats = P.CycleStats()
+        if claimed:
+            plan = build_plan(0, self.base_model, claimed, specs)
+            try:
+                res: P.CycleResult = self.executor.submit(plan).result()  # type: ignore[assignment]
+                results, stats = res.results, res.stats
+            except Exception as e:
+                log.exception("recovery of %s failed", self.base_model)
+                results = [P.OpResult(r.id, ok=False, error=f"engine error: {e}")
+                           for r in claimed]
+        for r in results:
+            if not r.ok and owner.get(r.request_id) and owner[r.request_id] not in lost:
+                lost[owner[r.request_id]] = f"replaying {r.request_id} failed: {r.error}"
+        if lost:
+            try:
+                self.executor.submit(P.CyclePlan(0, self.base_model, [
+                    P.ReleaseAdapterOp(f"recover:{run}:release", run) for run in lost])).result()
+            except Exception:
+                log.exception("releasing unrecoverable runs failed")
+        now = time.time()
+        recovered: list[str] = []
+        for rec in recs:
+            run_id = rec.run.id
+            if run_id in lost:
+                reason = ("the server restarted and this run's state could not be rebuilt ("
+                          f"{lost[run_id]}); resume it with create_training_client_from_state"
+                          "(<a saved checkpoint>)")
+                failed = self.store.mark_run_lost(run_id, reason)
+                log.error("run %s lost after restart: %s (%d pending requests failed)", run_id,
+                          lost[run_id], failed)
+                continue
+            recovered.append(run_id)
+            kinds = {k: sum(1 for q in rec.replay if q.kind == k)
+                     for k in ("forward_backward", "optim_step", "load_weights")}
+            if rec.replay:
+                u = self._unsaved.setdefault(run_id, _Unsaved(since=now))
+                u.steps += kinds["optim_step"]
+                u.force = u.force or kinds["load_weights"] > 0
+            log.info("recovered run %s: %s + replayed %d ops (fb=%d optim=%d load=%d) "
+                     "engine_ms=%.1f; %d requests queued again", run_id,
+                     f"snapshot@seq {rec.snapshot_seq}" if rec.snapshot_dir else "created",
+                     len(rec.replay), kinds["forward_backward"], kinds["optim_step"],
+                     kinds["load_weights"], stats.compute_ms_by_run.get(run_id, 0.0),
+                     rec.requeued)
+        if recs:
+            log.info("recovery model=%s runs=%d lost=%d ms=%.1f", self.base_model,
+                     len(recovered), len(lost), (time.perf_counter() - t0) * 1000)
+        return recovered
 
     def _wire_result(self, req: ClaimedRequest, engine_result: dict[str, Any]) -> dict[str, Any]:
         """Turn an engine result into the wire response, registering checkpoints."""

@@ -89,20 +89,14 @@ class BiosService:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        from bios.server.engine.executor import InProcessExecutor
-
         from bios.server.engine.engine import Engine
+        from bios.server.engine.executor import InProcessExecutor
         from bios.server.engine.registry import ModelRegistry
 
         cfg = self.config
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
         cfg.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(cfg.db_url)
-        lost = self.store.mark_lost_runs(
-            "the server restarted and this run's in-memory state was lost; resume it with "
-            "create_training_client_from_state(<a saved checkpoint>)")
-        if lost:
-            log.warning("restart: %d runs had unfinished work; their requests were failed", lost)
         self.registry = ModelRegistry(cfg.model_cache_dir, list(cfg.models))
         canonicals: list[str] = []
         for name in self.registry.names():
@@ -118,13 +112,17 @@ class BiosService:
             executor = InProcessExecutor(engine)
             clock = ClockLoop(base_model=canonical, store=self.store, executor=executor,
                               period=cfg.clock_period, notify=self.notify,
-                              cycle_ids=self._next_cycle_id)
+                              cycle_ids=self._next_cycle_id, state_dir=cfg.state_dir,
+                              snapshot_steps=cfg.snapshot_steps,
+                              snapshot_seconds=cfg.snapshot_seconds)
             limits = ModelLimits(int(hf["vocab_size"]), self.registry.context_length(canonical))
             self.models[canonical] = ServedModel(canonical, str(hf.get("model_type", "llama")),
                                                  limits, executor, clock)
             log.info("loaded %s (%s) in %.1fs: vocab=%d context=%d", canonical, model_dir,
                      time.perf_counter() - t0, limits.vocab_size, limits.context_length)
         self._cycle_counter = self.store.next_cycle_id()
+        for m in self.models.values():  # crash recovery: replay the durable log first
+            m.clock.recover()
         for m in self.models.values():
             m.clock.start()
         self.ready = True
@@ -179,6 +177,7 @@ class BiosService:
             rid = self.db.submit(owner=owner, run_id=run.id, seq_id=seq_id, kind=kind,
                                  base_model=run.canonical_model,
                                  payload={"owner": owner, "base_model_name": run.base_model,
+                                          "canonical_model": run.canonical_model,
                                           **payload},
                                  max_queued_per_run=self.config.max_queued_per_run,
                                  max_queued_total=self.config.max_queued_total,
@@ -193,7 +192,7 @@ class BiosService:
     def reject(self, owner: str, run_id: str | None, seq_id: int | None, kind: str,
                error: APIError) -> None:
         """Fill the seq slot of a rejected request so the run's later requests are not stuck."""
-        if run_id is None or seq_id is None or seq_id < 1:
+        if run_id is None or seq_id is None or not 1 <= seq_id < 2**31:
             return
         run = self.db.get_run(run_id)
         if run is None or run.owner != owner:

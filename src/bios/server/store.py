@@ -32,7 +32,9 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    inspect,
     select,
+    text,
     update,
 )
 from sqlalchemy.exc import IntegrityError
@@ -73,8 +75,13 @@ class RunRow(Base):
     created_at: Mapped[float] = mapped_column(Float)
     last_request_time: Mapped[float] = mapped_column(Float)
     next_seq: Mapped[int] = mapped_column(Integer, default=0)  # next seq id the scheduler runs
-    # Set when the run's in-memory state is gone (server restarted); new work is refused.
+    # Set when the run's in-memory state is gone (it could not be recovered after a restart);
+    # new work is refused.
     lost_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Crash recovery: the run's last periodic snapshot (a training checkpoint directory) and
+    # the last seq id whose effects it contains. Replay starts after it (see prepare_recovery).
+    snapshot_dir: Mapped[str | None] = mapped_column(Text, nullable=True)
+    snapshot_seq: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class RequestRow(Base):
@@ -182,6 +189,22 @@ class ClaimedRequest:
     payload: dict[str, Any]
 
 
+# Request kinds whose effects are in a run's state (weights, AdamW moments, gradients).
+REPLAYED_KINDS = ("forward_backward", "optim_step", "load_weights")
+
+
+@dataclass
+class RunRecovery:
+    """What `prepare_recovery` found for one run: rebuild it from its snapshot (or from its
+    create) and replay `replay`, the completed state-changing requests after snapshot_seq."""
+
+    run: RunRow
+    snapshot_dir: str | None
+    snapshot_seq: int
+    replay: list[ClaimedRequest]
+    requeued: int  # its requests that were running at the crash and are queued again
+
+
 def payload_digest(payload: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -215,6 +238,7 @@ class Store:
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
         Base.metadata.create_all(self.engine)
+        _add_missing_columns(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager
@@ -284,18 +308,69 @@ class Store:
                              .offset(offset)).scalars().all()
             return list(rows), int(total)
 
-    def mark_lost_runs(self, reason: str) -> int:
-        """After a restart: fail unfinished requests and mark runs whose state was in memory."""
+    # ------------------------------------------------------------------ crash recovery
+
+    def prepare_recovery(self, base_model: str) -> list[RunRecovery]:
+        """After a restart, before the clock starts: what each run of `base_model` must replay.
+
+        In one transaction: requests that were RUNNING (claimed, results never recorded, so
+        their effects are in no replayed state) go back to QUEUED, samples included, and each
+        run's `next_seq` is rewound to its first such request. Returns, per run not lost whose
+        create completed, its snapshot (if any) and its COMPLETED state-changing requests
+        (forward_backward, optim_step, load_weights) after the snapshot's seq, in seq order.
+        Failed requests stay failed and are not replayed.
+        """
+        with self.tx() as s:
+            running = s.execute(select(RequestRow).where(
+                RequestRow.base_model == base_model, RequestRow.status == RUNNING)
+            ).scalars().all()
+            rewind: dict[str, int] = {}
+            for req in running:
+                req.status = QUEUED
+                req.started_at = None
+                if req.run_id is not None and req.seq_id is not None:
+                    rewind[req.run_id] = min(rewind.get(req.run_id, req.seq_id), req.seq_id)
+            runs = s.execute(select(RunRow).where(RunRow.canonical_model == base_model)
+                             .order_by(RunRow.id)).scalars().all()
+            out: list[RunRecovery] = []
+            for run in runs:
+                if run.id in rewind:
+                    run.next_seq = min(run.next_seq, rewind[run.id])
+                if run.lost_reason:
+                    continue
+                create = s.execute(select(RequestRow.status).where(
+                    RequestRow.run_id == run.id, RequestRow.seq_id == 0)).scalar_one_or_none()
+                if create != COMPLETED:
+                    continue  # not created yet (queued again) or failed: nothing in memory
+                after = int(run.snapshot_seq or 0) if run.snapshot_dir else 0
+                rows = s.execute(select(RequestRow).where(
+                    RequestRow.run_id == run.id, RequestRow.seq_id > after,
+                    RequestRow.status == COMPLETED, RequestRow.kind.in_(REPLAYED_KINDS))
+                    .order_by(RequestRow.seq_id)).scalars().all()
+                out.append(RunRecovery(
+                    run=run, snapshot_dir=run.snapshot_dir if run.snapshot_dir else None,
+                    snapshot_seq=after,
+                    replay=[ClaimedRequest(r.id, r.run_id, r.seq_id, r.kind,
+                                           json.loads(r.payload)) for r in rows],
+                    requeued=sum(1 for r in running if r.run_id == run.id)))
+            return out
+
+    def set_snapshot(self, run_id: str, directory: str, seq: int) -> None:
+        """Record a run's newest periodic snapshot (written before this is called)."""
+        with self.tx() as s:
+            s.execute(update(RunRow).where(RunRow.id == run_id)
+                      .values(snapshot_dir=directory, snapshot_seq=seq))
+
+    def mark_run_lost(self, run_id: str, reason: str) -> int:
+        """A run whose state could not be rebuilt: refuse new work, fail its pending requests."""
         now = time.time()
         with self.tx() as s:
-            pending = s.execute(select(RequestRow.run_id).where(
-                RequestRow.status.in_([QUEUED, RUNNING]), RequestRow.run_id.is_not(None))
-            ).scalars().all()
-            s.execute(update(RequestRow).where(RequestRow.status.in_([QUEUED, RUNNING]))
-                      .values(status=FAILED, error=reason, error_category="server",
-                              completed_at=now))
-            s.execute(update(RunRow).where(RunRow.lost_reason.is_(None)).values(lost_reason=reason))
-            return len(set(pending))
+            n = s.execute(update(RequestRow).where(
+                RequestRow.run_id == run_id, RequestRow.status.in_([QUEUED, RUNNING]))
+                .values(status=FAILED, error=reason, error_category="server",
+                        completed_at=now)).rowcount
+            s.execute(update(RunRow).where(RunRow.id == run_id).values(lost_reason=reason))
+            return int(n or 0)
 
     # ------------------------------------------------------------------ requests
 
@@ -628,6 +703,27 @@ class Store:
     def get_sampler(self, sampler_id: str) -> SamplerRow | None:
         with self.tx() as s:
             return s.get(SamplerRow, sampler_id)
+
+
+def _add_missing_columns(engine: Any) -> None:
+    """Additive migration: add nullable columns that an older database's tables lack.
+
+    create_all makes missing tables but never alters existing ones; a nullable column added to
+    a model (e.g. training_runs.snapshot_dir) is added here with a plain ALTER TABLE ... ADD
+    COLUMN, which SQLite and PostgreSQL both run.
+    """
+    insp = inspect(engine)
+    tables = set(insp.get_table_names())
+    for table in Base.metadata.sorted_tables:
+        if table.name not in tables:
+            continue
+        have = {c["name"] for c in insp.get_columns(table.name)}
+        for col in table.columns:
+            if col.name in have or not col.nullable:
+                continue
+            ddl = col.type.compile(dialect=engine.dialect)
+            with engine.begin() as conn:
+                conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN {col.name} {ddl}'))
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

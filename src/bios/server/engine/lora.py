@@ -201,6 +201,22 @@ class LoRABatch:
             self._stacks[key] = (torch.stack(As), torch.stack(Bs))
         return self._stacks[key]
 
+    loop_keys: frozenset[str] | None = frozenset({"lm_head"})
+
+    def _apply_loop(self, key: str, x: Tensor) -> Tensor:
+        """One pair of matmuls per adapter over its rows: for targets whose weights are large
+        next to the pass's rows (the unembedding's B is r x vocab), stacking K copies of the
+        weights (and their casts and gradients) costs more than K small launches."""
+        out = []
+        for a, xk in zip(self.adapters, x.split(self.rows), strict=True):
+            if key in a.weights:
+                A, B = a.weights[key]
+                out.append(((as_input(xk, A) @ A) * a.scaling) @ B)
+            else:
+                ref = next(b.weights[key][1] for b in self.adapters if key in b.weights)
+                out.append(xk.new_zeros(*xk.shape[:-1], ref.shape[1]))
+        return torch.cat(out)
+
     def apply(self, key: str, x: Tensor) -> Tensor | None:
         """x (B, ..., in) -> scaled LoRA delta (B, ..., out), or None if no adapter targets key."""
         if key not in self.targets:
@@ -212,6 +228,8 @@ class LoRABatch:
             A, B = adapter.weights[key]
             return ((as_input(x, A) @ A) * adapter.scaling) @ B
 
+        if self.loop_keys is not None and key in self.loop_keys:
+            return self._apply_loop(key, x)
         A, B = self._stack(key)
         K, n_rows = len(self.adapters), x.shape[0]
         xr = as_input(x, A).reshape(n_rows, -1, x.shape[-1])  # (rows, N, in)

@@ -1,0 +1,265 @@
+"""Server overhead (issue 4): a LoRA training job through `bios serve` vs the same job as a
+plain in-process loop with transformers + PEFT, on the same model, batch, LoRA and dtype.
+
+Both sides: batch 8 x 128 tokens (random ids, the same batches in the same order), LoRA rank 32
+alpha 32 on the attention and MLP projections (q,k,v,o,gate,up,down; not the unembedding, so
+the PEFT side needs no tied-embedding special case), AdamW (lr 1e-4, betas 0.9/0.95, eps 1e-12,
+no weight decay: Tinker's defaults), summed token cross-entropy, bf16 base weights and bf16
+autocast with fp32 LoRA parameters where the CPU computes bf16 (fp32 otherwise; the server's
+engine defaults). `--warmup` steps, then `--steps` timed steps per side.
+
+  server:     `bios serve --clock-period 0` (continuous) in its own process; the client keeps
+              `--depth` forward_backward + optim_step pairs queued ahead (efficient mode).
+  in-process: `LlamaForCausalLM.from_pretrained(model_dir)` + `peft.get_peft_model`, a plain
+              forward / backward / `torch.optim.AdamW.step` loop in this process.
+
+The two sides alternate for `--rounds` rounds (the server idles while the in-process loop
+runs); each side's median tokens/s over the rounds is reported. The last line is
+`server/in-process throughput ratio: X`. Writes bench/results/overhead.json.
+
+    .venv/bin/python bench/overhead.py                      # tiny model (about a minute)
+    .venv/bin/python bench/overhead.py --model HuggingFaceTB/SmolLM2-135M-Instruct
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+warnings.filterwarnings("ignore", category=FutureWarning)  # transformers/peft internals
+sys.path.insert(0, str(REPO / "tests"))
+
+import bios  # noqa: E402
+from bios import types  # noqa: E402
+from server_process import MODEL_CACHE, ServerProcess  # noqa: E402
+
+RESULTS = REPO / "bench" / "results" / "overhead.json"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+RANK = ALPHA = 32
+ADAM = types.AdamParams()  # lr 1e-4, betas (0.9, 0.95), eps 1e-12, weight_decay 0
+
+
+def machine() -> dict:
+    """nproc, CPU model and load average: the numbers depend on them (the box is shared)."""
+    model = ""
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name"):
+                model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return {"nproc": len(os.sched_getaffinity(0)), "cpu": model or platform.processor(),
+            "loadavg": [round(x, 2) for x in os.getloadavg()]}
+
+
+def make_batches(count: int, batch: int, seq: int, vocab: int) -> list[list[list[int]]]:
+    """`count` batches of `batch` sequences of seq + 1 token ids (inputs + shifted targets)."""
+    rng = random.Random(0)
+    return [[[rng.randrange(3, vocab) for _ in range(seq + 1)] for _ in range(batch)]
+            for _ in range(count)]
+
+
+# ----------------------------------------------------------------------------- server side
+
+
+class ServerSide:
+    def __init__(self, server: ServerProcess, model: str, batches: list, depth: int):
+        self.service = bios.ServiceClient(base_url=server.base_url)
+        self.client = self.service.create_lora_training_client(
+            base_model=model, rank=RANK, seed=0, train_mlp=True, train_attn=True,
+            train_unembed=False)
+        self.data = [[types.Datum(model_input=types.ModelInput.from_ints(seq[:-1]),
+                                  loss_fn_inputs={"target_tokens": seq[1:]}) for seq in b]
+                     for b in batches]
+        self.depth = depth
+        self.step = 0
+
+    def run(self, steps: int) -> tuple[float, list[float]]:
+        """`steps` steps with `depth` (fb, optim) pairs in flight; returns (seconds, losses)."""
+        t0 = time.perf_counter()
+        pending: list = []
+        losses = []
+        for _ in range(steps):
+            batch = self.data[self.step % len(self.data)]
+            self.step += 1
+            fb = self.client.forward_backward(batch, "cross_entropy")
+            opt = self.client.optim_step(ADAM)
+            pending.append((fb, opt))
+            if len(pending) >= self.depth:
+                fb, opt = pending.pop(0)
+                losses.append(fb.result().loss)
+                opt.result()
+        for fb, opt in pending:
+            losses.append(fb.result().loss)
+            opt.result()
+        return time.perf_counter() - t0, losses
+
+
+# ----------------------------------------------------------------------------- in-process side
+
+
+class InProcessSide:
+    def __init__(self, model_dir: Path, batches: list):
+        import torch
+        from peft import LoraConfig, get_peft_model
+        from transformers import LlamaForCausalLM
+
+        from bios.server.engine.engine import bf16_supported
+
+        self.torch = torch
+        self.bf16 = bf16_supported(torch.device("cpu"))
+        dtype = torch.bfloat16 if self.bf16 else torch.float32
+        base = LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        base.config.use_cache = False
+        config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, lora_dropout=0.0,
+                            bias="none", task_type="CAUSAL_LM")
+        torch.manual_seed(0)
+        self.model = get_peft_model(base, config)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        for p in self.params:  # fp32 LoRA parameters, as the server keeps them
+            p.data = p.data.float()
+        self.trainable = sum(p.numel() for p in self.params)
+        self.model.train()
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=ADAM.learning_rate, betas=(ADAM.beta1, ADAM.beta2), eps=ADAM.eps,
+            weight_decay=ADAM.weight_decay)
+        t = torch.tensor(batches)
+        self.data = [(b[:, :-1].contiguous(), b[:, 1:].contiguous()) for b in t]
+        self.dtype = str(dtype).removeprefix("torch.")
+        self.step = 0
+
+    def run(self, steps: int) -> tuple[float, list[float]]:
+        torch = self.torch
+        t0 = time.perf_counter()
+        losses = []
+        for _ in range(steps):
+            x, y = self.data[self.step % len(self.data)]
+            self.step += 1
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+                logits = self.model(input_ids=x).logits  # [B, T, V]
+            loss = torch.nn.functional.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
+            loss.backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item() / y.numel())
+        return time.perf_counter() - t0, losses
+
+
+def fmt_row(cells: list[str], widths: list[int]) -> str:
+    return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="bios/tiny-llama")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=24, help="timed steps per side per round")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--depth", type=int, default=3,
+                    help="server side: (forward_backward, optim_step) pairs kept in flight")
+    ap.add_argument("--data-dir", default=None, help="server data dir (default: a temp dir)")
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args()
+
+    start_machine = machine()
+    t_start = time.perf_counter()
+    tmp = tempfile.TemporaryDirectory(prefix="bios-bench-overhead-")
+    data_dir = Path(args.data_dir or tmp.name)
+    server = ServerProcess(data_dir, [args.model], clock_period=0.0).start()
+    try:
+        service = bios.ServiceClient(base_url=server.base_url)
+        tokenizer = service.create_sampling_client(base_model=args.model).get_tokenizer()
+        vocab = len(tokenizer) if hasattr(tokenizer, "__len__") else 20000
+        batches = make_batches(4, args.batch, args.seq, vocab)
+        model_dir = MODEL_CACHE / args.model.replace("/", "--")  # the server built it there
+        if not model_dir.is_dir():
+            model_dir = Path(args.model)
+        remote = ServerSide(server, args.model, batches, args.depth)
+        local = InProcessSide(model_dir, batches)
+        remote.run(args.warmup)
+        local.run(args.warmup)
+        rounds = []
+        for _ in range(args.rounds):
+            local_s, local_losses = local.run(args.steps)
+            remote_s, remote_losses = remote.run(args.steps)
+            rounds.append({"in_process_s": local_s, "server_s": remote_s,
+                           "in_process_loss": [local_losses[0], local_losses[-1]],
+                           "server_loss": [remote_losses[0], remote_losses[-1]]})
+        cycles = [line for line in server.log().splitlines() if " cycle " in line]
+    finally:
+        server.stop()
+        tmp.cleanup()
+
+    tokens = args.steps * args.batch * args.seq
+    tps_local = [tokens / r["in_process_s"] for r in rounds]
+    tps_remote = [tokens / r["server_s"] for r in rounds]
+    med_local, med_remote = statistics.median(tps_local), statistics.median(tps_remote)
+    ratio = med_remote / med_local
+    end_machine = machine()
+    report = {
+        "benchmark": "overhead",
+        "model": args.model,
+        "batch": [args.batch, args.seq],
+        "steps_per_round": args.steps, "warmup_steps": args.warmup, "rounds": args.rounds,
+        "lora": {"rank": RANK, "alpha": ALPHA, "targets": TARGETS, "unembedding": False,
+                 "trainable_params": local.trainable},
+        "optimizer": ADAM.model_dump(),
+        "dtype": {"base": local.dtype, "autocast_bf16": local.bf16, "lora_params": "float32"},
+        "server": {"clock_period": 0, "pipeline_depth": args.depth,
+                   "last_cycles": cycles[-3:]},
+        "rounds_detail": [{k: (round(v, 3) if isinstance(v, float) else [round(x, 4) for x in v])
+                           for k, v in r.items()} for r in rounds],
+        "tokens_per_s": {"in_process": [round(x, 1) for x in tps_local],
+                         "server": [round(x, 1) for x in tps_remote],
+                         "in_process_median": round(med_local, 1),
+                         "server_median": round(med_remote, 1)},
+        "ratio_server_over_in_process": round(ratio, 3),
+        "machine": {**start_machine, "loadavg_end": end_machine["loadavg"]},
+        "wall_seconds": round(time.perf_counter() - t_start, 1),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+
+    print(f"model {args.model}; batch {args.batch} x {args.seq} tokens; LoRA r{RANK} on "
+          f"{','.join(TARGETS)} (no unembedding); {local.dtype} base, bf16 autocast "
+          f"{'on' if local.bf16 else 'off'}; {args.rounds} rounds x {args.steps} steps "
+          f"after {args.warmup} warm-up; server pipeline depth {args.depth}")
+    print(f"machine: {start_machine['nproc']} cores, {start_machine['cpu']}, load "
+          f"{start_machine['loadavg']} -> {end_machine['loadavg']}")
+    widths = [40, 12, 14, 24]
+    print(fmt_row(["side", "s/step", "tokens/s", "loss first -> last"], widths))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for name, key, tps in (("in-process transformers + PEFT", "in_process", tps_local),
+                           ("bios server (continuous, pipelined)", "server", tps_remote)):
+        med = statistics.median(tps)
+        first = rounds[0][f"{key}_loss"][0]
+        last = rounds[-1][f"{key}_loss"][1]
+        print(fmt_row([name, f"{tokens / med / args.steps:.3f}", f"{med:.0f}",
+                       f"{first:.4f} -> {last:.4f}"], widths))
+    print("per round tokens/s: in-process " + ", ".join(f"{x:.0f}" for x in tps_local)
+          + "; server " + ", ".join(f"{x:.0f}" for x in tps_remote))
+    print(f"results written to {out.relative_to(REPO) if out.is_relative_to(REPO) else out}")
+    print(f"server/in-process throughput ratio: {ratio:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
