@@ -53,6 +53,11 @@ class RetryPolicy:
     (a fraction) at random; a server's Retry-After (capped at `max_retry_after`) replaces the
     computed delay. Retrying stops after `max_retries` retries or once `budget` seconds have
     passed since the first attempt, whichever comes first.
+
+    A 429 is backpressure, not a failure: the server is up and asks us to wait. Those retries
+    do not count against `max_retries` and stop only after `backpressure_budget` seconds, so a
+    busy server never makes the SDK drop an ordered training request (which would leave a gap
+    in the run's sequence).
     """
 
     max_retries: int = 40
@@ -61,6 +66,7 @@ class RetryPolicy:
     jitter: float = 0.25
     budget: float = 300.0
     max_retry_after: float = 60.0
+    backpressure_budget: float = 3600.0
 
 
 def is_retryable_status(status_code: int) -> bool:
@@ -111,9 +117,18 @@ class RetryBudget:
         self.attempt = 0
         self._clock = clock
         self._deadline = clock() + policy.budget
+        self._backpressure_deadline = clock() + policy.backpressure_budget
+        self._backpressure_waits = 0
 
-    def next_delay(self, retry_after: float | None = None) -> float | None:
+    def next_delay(self, retry_after: float | None = None,
+                   backpressure: bool = False) -> float | None:
         """The delay before the next retry, or None when retries are exhausted."""
+        if backpressure:
+            delay = retry_delay(min(self._backpressure_waits, 8), self.policy, retry_after)
+            if self._clock() + delay > self._backpressure_deadline:
+                return None
+            self._backpressure_waits += 1
+            return delay
         if self.attempt >= self.policy.max_retries:
             return None
         delay = retry_delay(self.attempt, self.policy, retry_after)
@@ -248,6 +263,7 @@ class Transport:
         headers = {"Content-Type": "application/json"} if json_body is not None else None
         while True:
             retry_after: float | None = None
+            status = 0
             try:
                 response = await self._client(poll).request(method, path, content=json_body,
                                                             params=params, headers=headers)
@@ -263,10 +279,11 @@ class Transport:
                     return _decode(response)
                 err = error_from_response(response.status_code, _decode(response), method=method,
                                           url=url, reason=response.reason_phrase)
-                if not is_retryable_status(response.status_code):
+                status = response.status_code
+                if not is_retryable_status(status):
                     raise err
                 retry_after = parse_retry_after(response.headers)
-            delay = budget.next_delay(retry_after)
+            delay = budget.next_delay(retry_after, backpressure=status == 429)
             if delay is None:
                 raise err
             log.info("bios: %s %s failed (%s); retry %d in %.2f s", method, path, err,

@@ -92,3 +92,16 @@ def test_api_root_appends_the_prefix_once() -> None:
     assert api_root("https://h/api/v1/") == "https://h/api/v1"
     with pytest.raises(ValueError, match="http"):
         api_root("h:8000")
+
+
+def test_backpressure_does_not_use_up_the_retry_count() -> None:
+    """A 429 means "wait": it is retried past max_retries, until the backpressure budget."""
+    now = [0.0]
+    policy = RetryPolicy(max_retries=2, jitter=0.0, budget=10.0, backpressure_budget=100.0)
+    budget = RetryBudget(policy, clock=lambda: now[0])
+    waits = 0
+    while (delay := budget.next_delay(retry_after=1.0, backpressure=True)) is not None:
+        now[0] += delay
+        waits += 1
+    assert waits == 100  # far past max_retries=2 and the 10 s failure budget
+    assert budget.attempt == 0  # ordinary failures still have their own count
