@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -159,21 +158,3 @@ def test_metrics_of_unknown_run_raise(store: Store) -> None:
     with pytest.raises(KeyError):
         store.run_metrics("nope")
 
-
-def test_continuous_clock_gathers_the_last_cycles_runs(store: Store) -> None:
-    make_run(store, "r1")
-    make_run(store, "r2")
-    ex = TimedExecutor(engine_ms=2000.0)  # gather window: min(1 s, 25% of 2 s)
-    loop = clock(store, ex)
-    loop.gather_max_s = 1.0  # generous, for a loaded test machine
-    loop.run_cycle()  # both creates: the last cycle had two runs
-    submit(store, "r1", 1)
-    threading.Timer(0.05, lambda: submit(store, "r2", 1)).start()  # r2 a little later
-    loop.run_cycle()
-    assert store.run_metrics("r2")["cycles_with_work"] == 2  # it joined r1's cycle
-    # a lone run never waits
-    submit(store, "r1", 2)
-    loop._last_runs = {"r1": 1}
-    t0 = time.perf_counter()
-    loop.run_cycle()
-    assert time.perf_counter() - t0 < 0.4

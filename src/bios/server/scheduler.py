@@ -189,15 +189,6 @@ class ClockLoop:
         self._thread = threading.Thread(target=self._run, name=f"clock[{base_model}]",
                                         daemon=True)
         self.last_cycle: CycleLog | None = None
-        # Continuous mode: after a cycle of several runs, wait up to this fraction of its
-        # engine time (at most gather_max_s) for each of those runs to queue as many requests
-        # as it had in that cycle (a step: forward_backward + optim_step), so runs that
-        # resubmit a few ms apart share the next cycle instead of drifting into separate,
-        # smaller ones. A lone run never waits.
-        self.gather_fraction = 0.25
-        self.gather_max_s = 0.05
-        self._last_runs: dict[str, int] = {}
-        self._last_engine_s = 0.0
         # Crash recovery: periodic snapshots of each run's state (None: no snapshots).
         self.state_dir = Path(state_dir) if state_dir is not None else None
         self.snapshot_steps = snapshot_steps
@@ -264,13 +255,8 @@ class ClockLoop:
 
     def run_cycle(self) -> CycleLog | None:
         """Claim what is runnable now, execute it as one cycle, record the outcome."""
-        self._gather()
         started = time.time()
         claimed = self.store.claim_cycle(self.base_model, cutoff=started)
-        self._last_runs = {}
-        for r in claimed:
-            if r.run_id:
-                self._last_runs[r.run_id] = self._last_runs.get(r.run_id, 0) + 1
         if not claimed:
             return None
         t0 = time.perf_counter()
@@ -303,7 +289,6 @@ class ClockLoop:
                               category="server", cycle_id=cycle_id)
         total_ms = (time.perf_counter() - t0) * 1000
         st = result.stats
-        self._last_engine_s = st.engine_ms / 1000.0
         self.store.record_cycle(self.base_model, started, st.engine_ms, total_ms, st.runs,
                                 plan.num_ops, st.tokens, st.passes, cycle_id=cycle_id,
                                 run_work=run_work(plan, st))
@@ -314,22 +299,6 @@ class ClockLoop:
         log.info(entry.line())
         self._snapshot_due_runs(plan, result, claimed)
         return entry
-
-    def _gather(self) -> None:
-        """Continuous mode: give the last cycle's runs a moment to queue their next requests."""
-        if self.period > 0 or len(self._last_runs) < 2:
-            return
-        deadline = time.monotonic() + min(self.gather_max_s,
-                                          self.gather_fraction * self._last_engine_s)
-        while not self._stop.is_set():
-            queued = self.store.queued_runs(self.base_model)
-            if all(queued.get(r, 0) >= n for r, n in self._last_runs.items()):
-                return
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            self._wake.wait(timeout=min(remaining, 0.005))
-            self._wake.clear()
 
     def _specs_for(self, claimed: list[ClaimedRequest]) -> dict[str, P.AdapterSpec]:
         specs: dict[str, P.AdapterSpec] = {}

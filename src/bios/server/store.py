@@ -480,14 +480,6 @@ class Store:
                 RequestRow.base_model == base_model, RequestRow.status == QUEUED,
                 RequestRow.run_id.is_not(None)).limit(1)).first() is not None
 
-    def queued_runs(self, base_model: str) -> dict[str, int]:
-        """Queued requests per run of this base model (runs with none are absent)."""
-        with self.tx() as s:
-            rows = s.execute(select(RequestRow.run_id, func.count()).where(
-                RequestRow.base_model == base_model, RequestRow.status == QUEUED,
-                RequestRow.run_id.is_not(None)).group_by(RequestRow.run_id)).all()
-            return {r[0]: int(r[1]) for r in rows}
-
     def has_queued_samples(self, base_model: str) -> bool:
         with self.tx() as s:
             return s.execute(select(RequestRow.id).where(
