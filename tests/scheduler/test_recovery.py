@@ -328,7 +328,9 @@ def test_engine_exception_fails_the_cycle_clearly_and_the_clock_keeps_serving(st
     loop.start()
     try:
         deadline = time.monotonic() + 10
-        while store.get_request(first).status != FAILED and time.monotonic() < deadline:
+        # The clock records results first and notifies the long-polls after: wait for both.
+        while ((store.get_request(first).status != FAILED or first not in notified)
+               and time.monotonic() < deadline):
             time.sleep(0.01)
         for rid in (create, first):
             row = store.get_request(rid)
