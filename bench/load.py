@@ -37,7 +37,6 @@ import platform
 import random
 import secrets
 import sqlite3
-import sys
 import tempfile
 import threading
 import time
@@ -48,19 +47,17 @@ from typing import Any
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-
-import bios  # noqa: E402
-from bios import types  # noqa: E402
-from bios.exceptions import (  # noqa: E402
+import bios
+from bios import types
+from bios.exceptions import (
     APIStatusError,
     BiosAPIError,
     InternalServerError,
     RateLimitError,
     RequestFailedError,
 )
-from server_process import ServerProcess  # noqa: E402
+from harness import REPO
+from server_process import ServerProcess
 
 TINY = "bios/tiny-llama"
 VOCAB = 49152

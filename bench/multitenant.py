@@ -22,7 +22,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -33,12 +32,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-
-import bios  # noqa: E402
-from bios import types  # noqa: E402
-from server_process import MODEL_CACHE, ServerProcess  # noqa: E402
+import bios
+from bios import types
+from harness import REPO, machine
+from server_process import MODEL_CACHE, ServerProcess
 
 TINY = "bios/tiny-llama"
 RESULTS = REPO / "bench" / "results" / "multitenant.json"
@@ -260,12 +257,6 @@ def peft_process_rss(model_dir: Path, seq_len: int = 64) -> float:
 # ----------------------------------------------------------------------------- main
 
 
-def machine() -> dict[str, Any]:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in
-                Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")),
-               platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()}
 
 
 def main() -> None:
@@ -282,7 +273,7 @@ def main() -> None:
     ks = [1, 8] if args.quick else [1, 2, 4, 8]
     steps = 3 if args.quick else args.steps
     info = machine()
-    print(f"machine: {info['cpu']}, {info['cores']} cores; {info['uptime']}", flush=True)
+    print(f"machine: {info['cpu']}, {info['nproc']} cores; load {info['loadavg']}", flush=True)
     result: dict[str, Any] = {"machine": info, "args": vars(args), "server": []}
     t_start = time.perf_counter()
     if not args.skip_inprocess:

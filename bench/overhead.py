@@ -28,22 +28,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+from harness import REPO, machine
+
 warnings.filterwarnings("ignore", category=FutureWarning)  # transformers/peft internals
-sys.path.insert(0, str(REPO / "tests"))
 
 import bios  # noqa: E402
 from bios import types  # noqa: E402
@@ -55,17 +50,6 @@ RANK = ALPHA = 32
 ADAM = types.AdamParams()  # lr 1e-4, betas (0.9, 0.95), eps 1e-12, weight_decay 0
 
 
-def machine() -> dict:
-    """nproc, CPU model and load average: the numbers depend on them (the box is shared)."""
-    model = ""
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name"):
-                model = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return {"nproc": len(os.sched_getaffinity(0)), "cpu": model or platform.processor(),
-            "loadavg": [round(x, 2) for x in os.getloadavg()]}
 
 
 def proc_cpu_seconds(pid: int) -> float:

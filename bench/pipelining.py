@@ -25,43 +25,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import random
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-
-import bios  # noqa: E402
-from bios import types  # noqa: E402
-from server_process import ServerProcess  # noqa: E402
+import bios
+from bios import types
+from harness import REPO, load, machine
+from server_process import ServerProcess
 
 RESULTS = REPO / "bench" / "results" / "pipelining.json"
 DEPTHS = (1, 2, 4, 8)
 OVERLAP_CHUNK = 3  # the seeds' example submits three requests, then awaits three
 
 
-def machine() -> dict[str, Any]:
-    """nproc, CPU model and load: the numbers depend on them (the machine is shared)."""
-    model = ""
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name"):
-                model = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return {"nproc": len(os.sched_getaffinity(0)), "cpu": model or platform.processor(),
-            "python": platform.python_version()}
 
 
-def load() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 def make_batches(steps: int, batch: int, seq_len: int, seed: int = 0

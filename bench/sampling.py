@@ -25,25 +25,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import random
-import subprocess
 import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+from harness import REPO, machine
+
 warnings.filterwarnings("ignore", category=FutureWarning)  # transformers/peft internals
 # the exported adapters train lm_head, which the tiny model ties to the embedding; PEFT adds
 # the LoRA delta on the output side only, which is what the server does too
 warnings.filterwarnings("ignore", message="Model has `tie_word_embeddings=True`")
-sys.path.insert(0, str(REPO / "tests"))
 
 import bios  # noqa: E402
 from bios import types  # noqa: E402
@@ -52,17 +46,6 @@ from server_process import MODEL_CACHE, ServerProcess  # noqa: E402
 RESULTS = REPO / "bench" / "results" / "sampling.json"
 
 
-def machine() -> dict:
-    """nproc, CPU model and load average: the numbers depend on them (the box is shared)."""
-    model = ""
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name"):
-                model = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return {"nproc": len(os.sched_getaffinity(0)), "cpu": model or platform.processor(),
-            "loadavg": [round(x, 2) for x in os.getloadavg()]}
 
 
 def make_prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
