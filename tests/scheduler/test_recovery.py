@@ -25,13 +25,6 @@ from bios.server.store import COMPLETED, FAILED, QUEUED, RUNNING, Store
 OPT = {"owner": "local", "base_model_name": MODEL, "wire": {"adam_params": {}}}
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Store:
-    s = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
-    s.create_session("local", [], None)
-    return s
-
-
 class FakeEngine:
     """An executor whose runs are {w, g, m, steps}; every op is deterministic."""
 

@@ -3,47 +3,19 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future
-from pathlib import Path
 
 import pytest
 from test_scheduler import MODEL, fb_payload, make_run, submit
 
 from bios.server import plan as P
 from bios.server.scheduler import ClockLoop, run_work
-from bios.server.store import Base, RunWork, SessionRow, Store
-from postgres_server import PostgresServer, find_bindir
+from bios.server.store import RunWork, Store
+from postgres_server import find_bindir
 
 OPT = {"owner": "local", "base_model_name": MODEL, "wire": {"adam_params": {}}}
 NO_PG = find_bindir() is None
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PostgresServer | None]:
-    if NO_PG:
-        yield None
-        return
-    server = PostgresServer().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=[
-    pytest.mark.postgres, pytest.mark.skipif(NO_PG, reason="no PostgreSQL binaries")])])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    if request.param == "sqlite":
-        s = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
-    else:
-        server = request.getfixturevalue("pg")
-        s = Store(server.url)
-        Base.metadata.drop_all(s.engine)
-        Base.metadata.create_all(s.engine)
-    with s.tx() as tx:  # the helpers' runs belong to session "s" (PostgreSQL checks the FK)
-        tx.add(SessionRow(id="s", owner="local", created_at=time.time(),
-                          last_heartbeat=time.time()))
-    yield s
-    s.close()
 
 
 class TimedExecutor:

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Future
-from pathlib import Path
 
 import pytest
 
 from bios.server import plan as P
 from bios.server.scheduler import ClockLoop, build_plan
-from bios.server.store import COMPLETED, FAILED, ClaimedRequest, RunRow, Store
+from bios.server.store import (
+    COMPLETED,
+    FAILED,
+    QUEUED,
+    ClaimedRequest,
+    RunRow,
+    SeqConflictError,
+    Store,
+)
 
 MODEL = "m"
 
@@ -21,13 +28,6 @@ def fb_payload(tokens: list[int], forward_only: bool = False) -> dict:
              "loss_fn_inputs": {"target_tokens": {"data": tokens, "dtype": "int64"}}}
     return {"owner": "local", "base_model_name": MODEL,
             "wire": {key: {"data": [datum], "loss_fn": "cross_entropy"}}}
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Store:
-    s = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
-    s.create_session("local", [], None)
-    return s
 
 
 def make_run(store: Store, run_id: str) -> None:
@@ -45,15 +45,22 @@ def submit(store: Store, run_id: str, seq: int, kind: str = "forward_backward",
                         payload=payload or fb_payload([1, 2, seq]))
 
 
+def claim_seqs(store: Store, cutoff: float | None = None) -> list[tuple[str | None, int | None]]:
+    claimed = store.claim_cycle(MODEL, cutoff=time.time() if cutoff is None else cutoff)
+    return [(c.run_id, c.seq_id) for c in claimed]
+
+
 def test_claim_takes_contiguous_seq_and_waits_for_gap(store: Store) -> None:
     make_run(store, "r1")
     submit(store, "r1", 1)
     submit(store, "r1", 3)  # seq 2 has not arrived yet
-    claimed = store.claim_cycle(MODEL, cutoff=time.time())
-    assert [(c.run_id, c.seq_id) for c in claimed] == [("r1", 0), ("r1", 1)]
+    assert store.has_queued(MODEL)
+    assert claim_seqs(store) == [("r1", 0), ("r1", 1)]
+    assert claim_seqs(store) == []  # still waiting for seq 2
     submit(store, "r1", 2)
-    claimed = store.claim_cycle(MODEL, cutoff=time.time())
-    assert [c.seq_id for c in claimed] == [2, 3]
+    assert claim_seqs(store) == [("r1", 2), ("r1", 3)]
+    assert store.get_run("r1").next_seq == 4
+    assert not store.has_queued(MODEL)
 
 
 def test_rejected_slot_does_not_block_later_requests(store: Store) -> None:
@@ -61,8 +68,11 @@ def test_rejected_slot_does_not_block_later_requests(store: Store) -> None:
     store.claim_cycle(MODEL, cutoff=time.time())  # seq 0
     store.record_rejected(owner="local", run_id="r1", seq_id=1, kind="forward_backward",
                           base_model=MODEL, error="bad")
+    store.record_rejected(owner="local", run_id="r1", seq_id=1, kind="forward_backward",
+                          base_model=MODEL, error="bad")  # a second rejection is a no-op
     submit(store, "r1", 2)
-    assert [c.seq_id for c in store.claim_cycle(MODEL, cutoff=time.time())] == [2]
+    assert claim_seqs(store) == [("r1", 2)]
+    assert store.get_run("r1").next_seq == 3
 
 
 def test_request_after_cycle_start_waits_for_next_cycle(store: Store) -> None:
@@ -70,18 +80,18 @@ def test_request_after_cycle_start_waits_for_next_cycle(store: Store) -> None:
     cutoff = time.time()
     time.sleep(0.01)
     submit(store, "r1", 1)
-    assert [c.seq_id for c in store.claim_cycle(MODEL, cutoff=cutoff)] == [0]
-    assert [c.seq_id for c in store.claim_cycle(MODEL, cutoff=time.time())] == [1]
+    assert claim_seqs(store, cutoff) == [("r1", 0)]
+    assert claim_seqs(store) == [("r1", 1)]
 
 
 def test_retry_is_idempotent_and_conflict_detected(store: Store) -> None:
-    from bios.server.store import SeqConflictError
-
     make_run(store, "r1")
     a = submit(store, "r1", 1)
     assert submit(store, "r1", 1) == a
     with pytest.raises(SeqConflictError):
         submit(store, "r1", 1, payload=fb_payload([9, 9]))
+    row = store.get_request(a)
+    assert row is not None and row.status == QUEUED and row.seq_id == 1
 
 
 def _claimed(run: str, seq: int, kind: str, payload: dict | None = None) -> ClaimedRequest:

@@ -1,6 +1,7 @@
 """The store's behaviours on PostgreSQL (a throwaway cluster started by the fixture).
 
-Mirrors the SQLite store tests in test_scheduler.py and adds concurrency checks. Skipped only
+The store tests shared with SQLite run on both backends through conftest's `store` (see
+test_scheduler.py); these are the ones specific to PostgreSQL or to concurrency. Skipped only
 when the PostgreSQL server binaries are not installed.
 """
 
@@ -17,21 +18,20 @@ from sqlalchemy import text, update
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for postgres_server
 
-from test_scheduler import MODEL, fb_payload, make_run, submit
+from conftest import open_store
+from test_scheduler import MODEL, claim_seqs, fb_payload, make_run, submit
 
 from bios.server.store import (
     COMPLETED,
     FAILED,
     QUEUED,
     RUNNING,
-    Base,
     CheckpointRow,
     QueueFullError,
     RequestRow,
     RunRow,
     SamplerRow,
     SeqConflictError,
-    SessionRow,
     Store,
 )
 from postgres_server import PostgresServer, find_bindir
@@ -43,29 +43,12 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PostgresServer]:
-    server = PostgresServer().start()
-    print(f"throwaway PostgreSQL up in {server.startup_s:.2f}s at {server.url}")
-    yield server
-    server.stop()
-
-
 @pytest.fixture
 def store(pg: PostgresServer) -> Iterator[Store]:
-    s = Store(pg.url)
-    Base.metadata.drop_all(s.engine)  # a clean schema for every test
-    Base.metadata.create_all(s.engine)
-    with s.tx() as tx:  # the helpers' runs belong to session "s"; PostgreSQL checks the FK
-        tx.add(SessionRow(id="s", owner="local", created_at=time.time(),
-                          last_heartbeat=time.time()))
+    """PostgreSQL only (conftest's `store` also runs the shared tests on SQLite)."""
+    s = open_store(pg.url)
     yield s
     s.close()
-
-
-def claim_seqs(store: Store, cutoff: float | None = None) -> list[tuple[str | None, int | None]]:
-    claimed = store.claim_cycle(MODEL, cutoff=time.time() if cutoff is None else cutoff)
-    return [(c.run_id, c.seq_id) for c in claimed]
 
 
 def sample(store: Store, sampler: str, seq: int, prompt: int = 0) -> str:
@@ -101,16 +84,6 @@ def test_create_run_is_idempotent_and_conflict_detected(store: Store) -> None:
     assert total == 1 and [r.id for r in runs] == ["r1"]
 
 
-def test_retry_is_idempotent_and_conflict_detected(store: Store) -> None:
-    make_run(store, "r1")
-    a = submit(store, "r1", 1)
-    assert submit(store, "r1", 1) == a
-    with pytest.raises(SeqConflictError):
-        submit(store, "r1", 1, payload=fb_payload([9, 9]))
-    row = store.get_request(a)
-    assert row is not None and row.status == QUEUED and row.seq_id == 1
-
-
 def test_queue_limits(store: Store) -> None:
     make_run(store, "r1")
     submit(store, "r1", 1)
@@ -126,19 +99,6 @@ def test_queue_limits(store: Store) -> None:
 # ----------------------------------------------------------------------------- claiming
 
 
-def test_claim_takes_contiguous_seq_and_waits_for_gap(store: Store) -> None:
-    make_run(store, "r1")
-    submit(store, "r1", 1)
-    submit(store, "r1", 3)  # seq 2 has not arrived yet
-    assert store.has_queued(MODEL)
-    assert claim_seqs(store) == [("r1", 0), ("r1", 1)]
-    assert claim_seqs(store) == []  # still waiting for seq 2
-    submit(store, "r1", 2)
-    assert claim_seqs(store) == [("r1", 2), ("r1", 3)]
-    assert store.get_run("r1").next_seq == 4
-    assert not store.has_queued(MODEL)
-
-
 def test_claim_interleaves_runs_in_their_own_order(store: Store) -> None:
     make_run(store, "r1")
     make_run(store, "r2")
@@ -147,27 +107,6 @@ def test_claim_interleaves_runs_in_their_own_order(store: Store) -> None:
         submit(store, "r1", seq)
     assert claim_seqs(store) == [("r1", 0), ("r1", 1), ("r1", 2),
                                  ("r2", 0), ("r2", 1), ("r2", 2)]
-
-
-def test_rejected_slot_does_not_block_later_requests(store: Store) -> None:
-    make_run(store, "r1")
-    store.claim_cycle(MODEL, cutoff=time.time())  # seq 0
-    store.record_rejected(owner="local", run_id="r1", seq_id=1, kind="forward_backward",
-                          base_model=MODEL, error="bad")
-    store.record_rejected(owner="local", run_id="r1", seq_id=1, kind="forward_backward",
-                          base_model=MODEL, error="bad")  # a second rejection is a no-op
-    submit(store, "r1", 2)
-    assert claim_seqs(store) == [("r1", 2)]
-    assert store.get_run("r1").next_seq == 3
-
-
-def test_request_after_cycle_start_waits_for_next_cycle(store: Store) -> None:
-    make_run(store, "r1")
-    cutoff = time.time()
-    time.sleep(0.01)
-    submit(store, "r1", 1)
-    assert claim_seqs(store, cutoff) == [("r1", 0)]
-    assert claim_seqs(store) == [("r1", 1)]
 
 
 def test_claim_samples_oldest_first_with_limit(store: Store) -> None:
