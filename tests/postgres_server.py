@@ -15,12 +15,13 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from bios.local_server import free_port
 
 _TEMP_USER = "bios_pgtest"
 
@@ -45,12 +46,6 @@ def find_bindir() -> Path | None:
         if all((d / tool).is_file() for tool in ("initdb", "pg_ctl", "postgres", "createdb")):
             return d
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PostgresServer:

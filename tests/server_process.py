@@ -1,78 +1,22 @@
-"""Start a real `bios serve` process on loopback for end-to-end tests."""
+"""Start a real `bios serve` process on loopback for end-to-end tests (sharing one model cache,
+so the tiny model is built once)."""
 
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
+from bios.local_server import LocalServer, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_CACHE = Path(os.environ.get("BIOS_TEST_MODEL_CACHE", REPO / ".bios" / "test-model-cache"))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["MODEL_CACHE", "REPO", "ServerProcess", "free_port"]
 
 
-class ServerProcess:
-    """A `bios serve` subprocess; its log goes to data_dir/server.log."""
+class ServerProcess(LocalServer):
+    """A `LocalServer` whose models come from the tests' shared cache."""
 
-    def __init__(self, data_dir: Path, models: list[str], clock_period: float = 0.0,
-                 extra_args: list[str] | None = None, port: int | None = None,
-                 env: dict[str, str] | None = None):
-        self.data_dir = Path(data_dir)
-        self.port = port or free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.args = [sys.executable, "-m", "bios.cli", "serve", "--port", str(self.port),
-                     "--data-dir", str(self.data_dir), "--clock-period", str(clock_period),
-                     "--model-cache-dir", str(MODEL_CACHE), "--models", *models,
-                     *(extra_args or [])]
-        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def log_path(self) -> Path:
-        return self.data_dir / "server.log"
-
-    def start(self, timeout: float = 180.0) -> ServerProcess:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
-        self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT,
-                                     env=self.env, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"bios serve exited with {self.proc.returncode}:\n"
-                                   + self.log_path.read_text()[-4000:])
-            try:
-                if httpx.get(f"{self.base_url}/api/v1/healthz", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise TimeoutError("bios serve did not become healthy:\n" + self.log_path.read_text())
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(sig)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-    def kill(self) -> None:
-        self.stop(signal.SIGKILL)
-
-    def log(self) -> str:
-        return self.log_path.read_text() if self.log_path.exists() else ""
+    def __init__(self, data_dir: Path, models: list[str], **kwargs):
+        kwargs.setdefault("model_cache", MODEL_CACHE)
+        super().__init__(data_dir, models, **kwargs)

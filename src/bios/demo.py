@@ -8,21 +8,15 @@ efficient mode (requests queued ahead), and samples the same questions before an
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections import deque
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 import bios
 from bios import types
+from bios.local_server import LocalServer
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EVAL_QUESTIONS = [
@@ -67,39 +61,15 @@ def ask(sampler: bios.SamplingClient, tokenizer: Any, questions: list[str]) -> l
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_server(data_dir: Path, port: int) -> tuple[subprocess.Popen[bytes], str]:
-    base_url = f"http://127.0.0.1:{port}"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    log_path = data_dir / "server.log"
-    print(f"Starting bios serve on {base_url} (log: {log_path}) ...", flush=True)
-    log = open(log_path, "ab")  # noqa: SIM115 - handed to the child process
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bios.cli", "serve", "--port", str(port), "--data-dir",
-         str(data_dir), "--models", MODEL],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+def start_server(data_dir: Path, port: int) -> LocalServer:
+    """`bios serve` on the bundled model, as a child process; waits until it is ready."""
+    server = LocalServer(data_dir, [MODEL], port=port or None)
+    print(f"Starting bios serve on {server.base_url} (log: {server.log_path}) ...", flush=True)
     t0 = time.monotonic()
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited; see {log_path}:\n"
-                               + log_path.read_text()[-3000:])
-        try:
-            if httpx.get(f"{base_url}/api/v1/healthz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() - t0 > 600:
-            proc.kill()
-            raise TimeoutError(f"the server did not start in 10 minutes; see {log_path}")
-        time.sleep(0.5)
+    server.start(timeout=600)
     print(f"Server ready in {time.monotonic() - t0:.1f}s (the first start converts the bundled "
           "model once).", flush=True)
-    return proc, base_url
+    return server
 
 
 def plot_losses(losses: list[float], path: Path) -> None:
@@ -142,9 +112,9 @@ def train(client: bios.TrainingClient, batch: list[types.Datum], steps: int,
 
 def run_demo(steps: int = 30, data_dir: Path = Path(".bios-demo"), port: int = 0) -> int:
     """Run the demo; returns a process exit code."""
-    proc, base_url = start_server(data_dir, port or _free_port())
+    server = start_server(data_dir, port)
     try:
-        service = bios.ServiceClient(base_url=base_url)
+        service = bios.ServiceClient(base_url=server.base_url)
         client = service.create_lora_training_client(base_model=MODEL, rank=16, seed=0)
         tokenizer = client.get_tokenizer()
         facts = load_facts()
@@ -171,8 +141,4 @@ def run_demo(steps: int = 30, data_dir: Path = Path(".bios-demo"), port: int = 0
         print(f"answers learned: {learned}/{len(EVAL_QUESTIONS)}")
         return 0 if losses[-1] < losses[0] else 1
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        server.stop()
