@@ -15,8 +15,10 @@ Every request the bench issues is tracked:
   completion latency  call -> result
   outcome             completed; failed with a clear error (a BiosAPIError with a message);
                       or lost (not resolved within the drain timeout, or a non-Bios exception)
-The server's RSS is read from /proc every second; "bounded" compares the last third's maximum
-with the first third's. 429s are counted from the SDK's retry log records (by queue scope).
+The server's RSS is read from /proc every second, and its cycle log gives malloc's heap in use
+after each cycle; "bounded" compares each one's maximum over the last third of the run with the
+middle third's (the first third is warm-up). A plot goes to bench/results/load_memory.png.
+429s are counted from the SDK's retry log records (by queue scope).
 Afterwards the server's own request table is checked for requests left queued/running.
 
 Prints a latency table per operation, the outcomes, 429s and memory; the LAST line is
@@ -35,6 +37,7 @@ import logging
 import os
 import platform
 import random
+import re
 import secrets
 import sqlite3
 import tempfile
@@ -364,20 +367,67 @@ def summarize(ledger: Ledger, run_s: float) -> dict[str, Any]:
     return per_kind
 
 
-def rss_summary(samples: list[tuple[float, float]], t0: float, t_end: float) -> dict[str, Any]:
-    """Max/final RSS; bounded = the max over the last third of the loaded period (from the
-    first training result, i.e. after warm-up, to the end of the run) within 10% (at least
-    64 MiB) of the max over its first third."""
+CYCLE_MEMORY = re.compile(r"rss_mib=(\d+) heap_mib=(\d+)")
+
+
+def thirds_growth(values: list[float]) -> tuple[float, float] | None:
+    """(max of the middle third, max of the last third): the first third is warm-up (runs
+    being created, the allocator's first large passes) and is left out."""
+    if len(values) < 3:
+        return None
+    third = len(values) // 3
+    return max(values[third:2 * third]), max(values[-third:])
+
+
+def memory_summary(samples: list[tuple[float, float]], t0: float, t_end: float,
+                   log_text: str) -> dict[str, Any]:
+    """Memory over the loaded period (from the first training result to the end of the run).
+
+    Two series: the server's RSS sampled every second (includes each cycle's transient peak of
+    activations and logits), and malloc's heap in use at the end of each cycle, from the
+    server's cycle log (the live memory a leak would grow). Bounded: for both, the max over the
+    last third is within 10% (at least 64 MiB) of the max over the middle third.
+    """
     during = [v for t, v in samples if t0 <= t <= t_end]
-    if len(during) < 3:
-        return {"bounded": None, "samples": len(during)}
-    third = len(during) // 3
-    first, last = max(during[:third]), max(during[-third:])
-    growth = last - first
-    return {"samples": len(samples), "start_mib": during[0], "max_mib": max(v for _, v in samples),
-            "final_mib": samples[-1][1], "first_third_max_mib": first,
-            "last_third_max_mib": last, "growth_mib": growth,
-            "bounded": growth <= max(0.10 * first, 64.0)}
+    heap = [float(m.group(2)) for m in CYCLE_MEMORY.finditer(log_text)]
+    out: dict[str, Any] = {"samples": len(samples), "cycles_with_heap": len(heap)}
+    rss_thirds, heap_thirds = thirds_growth(during), thirds_growth(heap)
+    if rss_thirds is None:
+        return out | {"bounded": None}
+    out |= {"start_mib": during[0], "max_mib": max(v for _, v in samples),
+            "final_mib": samples[-1][1], "rss_middle_third_max_mib": rss_thirds[0],
+            "rss_last_third_max_mib": rss_thirds[1]}
+    ok = [rss_thirds[1] - rss_thirds[0] <= max(0.10 * rss_thirds[0], 64.0)]
+    if heap_thirds is not None:
+        out |= {"heap_first_cycle_mib": heap[0], "heap_middle_third_max_mib": heap_thirds[0],
+                "heap_last_third_max_mib": heap_thirds[1]}
+        ok.append(heap_thirds[1] - heap_thirds[0] <= max(0.10 * heap_thirds[0], 64.0))
+    return out | {"bounded": all(ok)}
+
+
+def plot_memory(samples: list[tuple[float, float]], log_text: str, t0: float,
+                path: Path) -> Path | None:
+    """RSS over time and heap in use per cycle, to bench/results/load_memory.png."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    heap = [float(m.group(2)) for m in CYCLE_MEMORY.finditer(log_text)]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    ax1.plot([t - t0 for t, _ in samples], [v for _, v in samples], lw=1)
+    ax1.set(title="server RSS (sampled every second)", xlabel="seconds since start",
+            ylabel="MiB")
+    ax2.plot(range(1, len(heap) + 1), heap, lw=1, marker=".")
+    ax2.set(title="malloc heap in use at each cycle's end", xlabel="cycle", ylabel="MiB")
+    for ax in (ax1, ax2):
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def fmt(v: float | None) -> str:
@@ -455,7 +505,9 @@ def main() -> None:
     stuck = {k: v for k, v in stuck.items() if v}
     warm = [r.t_done for r in ledger.recs
             if r.kind == "forward_backward" and r.outcome == "completed" and r.t_done]
-    mem = rss_summary(rss.samples, min(warm, default=timing["t0"]), timing["t0"] + run_s)
+    mem = memory_summary(rss.samples, min(warm, default=timing["t0"]), timing["t0"] + run_s,
+                         log_text)
+    plot = plot_memory(rss.samples, log_text, t_start, args.out.with_name("load_memory.png"))
     n429 = sum(retries.rate_limited.values())
 
     print()
@@ -475,10 +527,15 @@ def main() -> None:
           f"other retries: {sum(retries.other.values())}"
           + (f" ({dict(retries.other)})" if retries.other else ""))
     if mem.get("bounded") is not None:
+        heap_line = (f"; heap in use at cycle ends: middle-third max "
+                     f"{mem['heap_middle_third_max_mib']:.0f} vs last-third max "
+                     f"{mem['heap_last_third_max_mib']:.0f} MiB"
+                     if "heap_last_third_max_mib" in mem else "")
         print(f"server RSS: start {mem['start_mib']:.0f} MiB, max {mem['max_mib']:.0f} MiB, final "
-              f"{mem['final_mib']:.0f} MiB; first-third max {mem['first_third_max_mib']:.0f} vs "
-              f"last-third max {mem['last_third_max_mib']:.0f} MiB -> "
-              f"{'bounded' if mem['bounded'] else 'GROWING'}")
+              f"{mem['final_mib']:.0f} MiB; middle-third max {mem['rss_middle_third_max_mib']:.0f}"
+              f" vs last-third max {mem['rss_last_third_max_mib']:.0f} MiB{heap_line} -> "
+              f"{'bounded' if mem['bounded'] else 'GROWING'}"
+              + (f" (plot: {plot.name})" if plot else ""))
     print(f"server: healthz {healthy} after the run, {len(problems)} error lines in its log, "
           f"5xx/server failures seen by clients: {server_5xx}, requests left queued/running in "
           f"its store: {stuck or 'none'}")

@@ -11,10 +11,11 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text, update
+from sqlalchemy import func, select, text, update
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for postgres_server
 
@@ -94,6 +95,31 @@ def test_queue_limits(store: Store) -> None:
     with pytest.raises(QueueFullError):
         store.submit(owner="local", run_id="r1", seq_id=2, kind="forward_backward",
                      base_model=MODEL, payload=fb_payload([2]), max_queued_total=1)
+
+
+def test_queue_limit_holds_under_concurrent_submits(store: Store) -> None:
+    """16 threads submit at once against a tenant limit of 5: exactly 5 get in (the count and
+    the insert are one admission step, so a burst cannot overshoot)."""
+    for i in range(16):
+        make_run(store, f"b{i}")
+    start = threading.Barrier(16)
+
+    def one(i: int) -> bool:
+        start.wait()
+        try:
+            store.submit(owner="local", run_id=f"b{i}", seq_id=1, kind="forward_backward",
+                         base_model=MODEL, payload=fb_payload([i]), max_queued_per_tenant=21)
+        except QueueFullError:
+            return False
+        return True
+
+    with ThreadPoolExecutor(16) as pool:  # the 16 creations are queued too: 21 - 16 = 5 left
+        accepted = sum(pool.map(one, range(16)))
+    assert accepted == 5
+    with store.tx() as s:
+        queued = s.execute(select(func.count()).select_from(RequestRow)
+                           .where(RequestRow.status == QUEUED)).scalar_one()
+    assert queued == 21
 
 
 # ----------------------------------------------------------------------------- claiming

@@ -155,12 +155,17 @@ class CycleLog:
     engine_ms: float
     total_ms: float
     ops_by_kind: dict[str, int]
+    rss_mib: float | None = None  # the engine process's resident size at the cycle's end
+    heap_in_use_mib: float | None = None
 
     def line(self) -> str:
         kinds = ",".join(f"{k}:{v}" for k, v in sorted(self.ops_by_kind.items()))
+        mem = "".join(f" {name}={value:.0f}" for name, value in
+                      (("rss_mib", self.rss_mib), ("heap_mib", self.heap_in_use_mib))
+                      if value is not None)
         return (f"cycle {self.cycle_id} model={self.base_model} runs={self.runs} "
                 f"ops={self.ops} [{kinds}] tokens={self.tokens} passes={self.passes} "
-                f"engine_ms={self.engine_ms:.1f} total_ms={self.total_ms:.1f}")
+                f"engine_ms={self.engine_ms:.1f} total_ms={self.total_ms:.1f}{mem}")
 
 
 class ClockLoop:
@@ -294,7 +299,8 @@ class ClockLoop:
                                 run_work=run_work(plan, st))
         self.notify(done + missing)
         entry = CycleLog(cycle_id, self.base_model, st.runs, plan.num_ops, st.tokens, st.passes,
-                         st.engine_ms, total_ms, dict(st.ops_by_kind))
+                         st.engine_ms, total_ms, dict(st.ops_by_kind), st.rss_mib,
+                         st.heap_in_use_mib)
         self.last_cycle = entry
         log.info(entry.line())
         self._snapshot_due_runs(plan, result, claimed)

@@ -11,12 +11,13 @@ so a request whose predecessor has not arrived yet waits for it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -240,8 +241,11 @@ class Store:
         Base.metadata.create_all(self.engine)
         _add_missing_columns(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # Queue limits are a count then an insert; submits of this process take this lock
+        # across both so a burst cannot overshoot a limit (one server process owns a store).
+        self._admission = threading.Lock()
 
-    @contextmanager
+    @contextlib.contextmanager
     def tx(self) -> Iterator[Session]:
         with self._sessions.begin() as s:
             yield s
@@ -383,12 +387,15 @@ class Store:
         A retry of the same (run, seq_id) with the same payload returns the original id; a
         different payload in an occupied slot raises SeqConflictError.
         """
+        limited = bool(max_queued_per_run or max_queued_total or max_queued_per_tenant)
         try:
-            return self._submit(owner=owner, run_id=run_id, seq_id=seq_id, kind=kind,
-                                base_model=base_model, payload=payload, sampler_id=sampler_id,
-                                max_queued_per_run=max_queued_per_run,
-                                max_queued_total=max_queued_total,
-                                max_queued_per_tenant=max_queued_per_tenant)
+            with self._admission if limited else contextlib.nullcontext():
+                return self._submit(owner=owner, run_id=run_id, seq_id=seq_id, kind=kind,
+                                    base_model=base_model, payload=payload,
+                                    sampler_id=sampler_id,
+                                    max_queued_per_run=max_queued_per_run,
+                                    max_queued_total=max_queued_total,
+                                    max_queued_per_tenant=max_queued_per_tenant)
         except IntegrityError as e:  # a concurrent submit took the (run|sampler, seq) slot
             if seq_id is None or (run_id is None and sampler_id is None):
                 raise

@@ -34,6 +34,7 @@ from bios.server.engine.losses import (
     resolve_loss_config,
     target_logprobs,
 )
+from bios.server.engine.memory import host_memory, release_free_memory
 from bios.server.engine.model import ModelConfig, Transformer, load_transformer
 from bios.server.engine.optimizer import AdamW, adam_params
 from bios.server.engine.sampler import Sampler
@@ -57,6 +58,8 @@ from bios.server.plan import (
 
 log = logging.getLogger(__name__)
 
+# Past this much free malloc heap after a cycle, give it back to the OS (engine/memory.py).
+TRIM_FREE_MIB = 128.0
 CPU_TOKEN_BUDGET = 2048  # environment.md: CPU throughput peaks at 512-2048 tokens per pass
 GPU_TOKEN_BUDGET = 16384
 
@@ -173,6 +176,7 @@ class Engine:
         device: torch.device | str,
         autocast_dtype: torch.dtype | None,
         token_budget: int,
+        trim_free_mib: float | None = TRIM_FREE_MIB,
     ) -> None:
         if token_budget < 1:
             raise ValueError(f"token_budget must be >= 1, got {token_budget}")
@@ -181,6 +185,7 @@ class Engine:
         self.device = torch.device(device)
         self.autocast_dtype = autocast_dtype
         self.token_budget = token_budget
+        self.trim_free_mib = trim_free_mib  # None: never return freed heap to the OS
         self.tokenizer_path: Path | None = None  # for the sampler's stop strings
         self._sampler: Sampler | None = None
         self.runs: dict[str, RunState] = {}
@@ -244,7 +249,10 @@ class Engine:
         """Run a training cycle (steps in order; one OpResult per op, in plan order), or a
         chunk of sampling (admit requests, then decode steps)."""
         if isinstance(plan, SamplePlan):
-            return self.sampler.execute(plan)
+            result = self.sampler.execute(plan)
+            if self.trim_free_mib is not None:
+                release_free_memory(self.trim_free_mib)
+            return result
         return self._execute_cycle(plan)
 
     def _execute_cycle(self, plan: CyclePlan) -> CycleResult:
@@ -274,14 +282,21 @@ class Engine:
                 kinds[step.kind] += 1
                 runs.add(step.run_id)
                 compute_ms[step.run_id] += (time.perf_counter() - t0) * 1000.0
+        engine_ms = (time.perf_counter() - start) * 1000.0
+        mem = host_memory()  # before trimming: the cycle's own high-water mark shows
+        trimmed = (self.trim_free_mib is not None
+                   and release_free_memory(self.trim_free_mib))
         stats = CycleStats(
             runs=len(runs),
             tokens=counters.tokens,
             passes=counters.passes,
             ops_by_kind=dict(kinds),
-            engine_ms=(time.perf_counter() - start) * 1000.0,
+            engine_ms=engine_ms,
             tokens_by_run=dict(tokens_by_run),
             compute_ms_by_run=dict(compute_ms),
+            rss_mib=mem.rss_mib,
+            heap_in_use_mib=mem.heap_in_use_mib,
+            trimmed=trimmed,
         )
         log.debug(
             "cycle %d: %d runs, %d tokens, %d passes, %s, %.1f ms",

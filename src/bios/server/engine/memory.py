@@ -1,0 +1,89 @@
+"""Host memory of the engine process: what it holds, and giving freed memory back to the OS.
+
+A training pass allocates and frees hundreds of MiB of activations and logits. glibc's malloc
+keeps freed chunks for reuse, and tensors of many sizes fragment its heap, so without help the
+process's resident size creeps up to a high-water mark far above what it actually uses (seen as
+slow RSS growth under load). After each cycle the engine asks malloc how much of the heap is free
+and, past a threshold, calls `malloc_trim(0)`, which returns free pages to the OS. On platforms
+without glibc the stats read as unknown and trimming does nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from dataclasses import dataclass
+
+_MIB = 1024 * 1024
+
+
+class _MallInfo2(ctypes.Structure):
+    # struct mallinfo2 (glibc >= 2.33); every field is a size_t.
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        libc = ctypes.CDLL(name)
+        libc.mallinfo2.restype = _MallInfo2
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        libc.malloc_trim.restype = ctypes.c_int
+    except (OSError, AttributeError):  # not glibc, or glibc older than 2.33
+        return None
+    return libc
+
+
+_LIBC = _load_libc()
+
+
+@dataclass(frozen=True)
+class HostMemory:
+    """Resident size of the process and, with glibc, malloc's heap in use and free (MiB).
+
+    heap_* cover the main and thread arenas; memory that malloc mapped directly (large blocks)
+    is counted in `mmapped_mib` and is returned to the OS as soon as it is freed.
+    """
+
+    rss_mib: float | None
+    heap_in_use_mib: float | None
+    heap_free_mib: float | None
+    mmapped_mib: float | None
+
+
+def resident_mib() -> float | None:
+    """This process's resident set size in MiB (Linux), or None where /proc is missing."""
+    try:
+        with open(f"/proc/{os.getpid()}/statm") as f:
+            pages = int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE") / _MIB
+
+
+def host_memory() -> HostMemory:
+    """Read the process's memory now (cheap: one /proc read and one mallinfo2 call)."""
+    rss = resident_mib()
+    if _LIBC is None:
+        return HostMemory(rss, None, None, None)
+    info = _LIBC.mallinfo2()
+    return HostMemory(rss, info.uordblks / _MIB, info.fordblks / _MIB, info.hblkhd / _MIB)
+
+
+def release_free_memory(min_free_mib: float) -> bool:
+    """Return malloc's free heap pages to the OS when more than `min_free_mib` MiB are free.
+
+    Returns whether a trim ran. The check costs one mallinfo2 call; a trim walks the heap and
+    costs a few milliseconds per GiB, so the threshold keeps it off small cycles.
+    """
+    if _LIBC is None:
+        return False
+    if _LIBC.mallinfo2().fordblks / _MIB < min_free_mib:
+        return False
+    _LIBC.malloc_trim(0)
+    return True
