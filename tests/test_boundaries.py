@@ -28,7 +28,8 @@ def test_import_bios_leaves_out_torch_fastapi_sqlalchemy_and_the_server() -> Non
 def test_every_sdk_module_imports_without_the_server_stack() -> None:
     sdk_modules = ["bios._loop", "bios.exceptions", "bios.futures", "bios.transport",
                    "bios.service_client", "bios.training_client", "bios.sampling_client",
-                   "bios.rest_client", "bios.tokenizer", "bios.types"]
+                   "bios.rest_client", "bios.tokenizer", "bios.types",
+                   "bios.checkpoint_archive"]
     loaded = modules_after("\n".join(f"import {m}" for m in sdk_modules))
     assert not {m for m in loaded if m.split(".")[0] in ("torch", "fastapi", "sqlalchemy")}
     assert not {m for m in loaded if m.startswith("bios.server")}

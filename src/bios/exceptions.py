@@ -12,6 +12,8 @@ Hierarchy (`except BiosAPIError` catches everything the server or the network re
           APITimeoutError              ... because the request timed out (also a TimeoutError)
         APIResponseValidationError     the server answered with a body the SDK cannot read
         RequestFailedError             a submitted request finished in a failed state
+      UnsafeArchiveError               a checkpoint archive that may not be extracted (also a
+                                       ValueError); .member names the offending entry
 
 This module knows nothing about httpx or the event loop.
 """
@@ -37,6 +39,7 @@ __all__ = [
     "RateLimitError",
     "RequestFailedError",
     "UnprocessableEntityError",
+    "UnsafeArchiveError",
     "error_from_response",
     "parse_error_body",
 ]
@@ -141,6 +144,19 @@ class RequestFailedError(BiosAPIError):
         super().__init__(message)
         self.request_id = request_id
         self.category = category
+
+
+class UnsafeArchiveError(BiosError, ValueError):
+    """A checkpoint archive was refused before anything was extracted: a member with an
+    absolute or `..` path, a link or device, an odd name, a duplicate, or too many bytes.
+
+    Attributes:
+        member: the offending member's name (None when the archive as a whole is refused).
+    """
+
+    def __init__(self, message: str, member: str | None = None) -> None:
+        super().__init__(message)
+        self.member = member
 
 
 _STATUS_CLASSES: dict[int, type[APIStatusError]] = {

@@ -6,11 +6,26 @@ Also the pure parsing of checkpoint paths, `bios://<run_id>/weights/<name>` and
 
 from __future__ import annotations
 
+import asyncio
+import email.utils
+import os
+import tempfile
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
+from urllib.parse import quote, urljoin
+
+import httpx
 
 from bios import types
+from bios.checkpoint_archive import (
+    DEFAULT_MAX_ARCHIVE_BYTES,
+    check_destination,
+    extract_archive,
+)
+from bios.exceptions import APIResponseValidationError
 from bios.futures import APIFuture
+from bios.transport import parse_result
 
 if TYPE_CHECKING:
     from bios.service_client import ServiceClient
@@ -18,6 +33,8 @@ if TYPE_CHECKING:
 PATH_SCHEME = "bios://"
 CHECKPOINT_KINDS = ("weights", "sampler_weights")
 _PAGE = 100
+ARCHIVE_URL_DEFAULT_TTL = timedelta(minutes=15)  # when a server sends no Expires header
+_TAR_OVERHEAD = 16 * 1024 * 1024  # headers and padding on top of the files' bytes
 
 
 def parse_checkpoint_path(path: str) -> tuple[str, str, str]:
@@ -44,6 +61,38 @@ def check_checkpoint_path(path: str) -> str:
 
 def _seg(value: str) -> str:
     return quote(value, safe=":")
+
+
+def _split_checkpoint_id(checkpoint_id: str) -> tuple[str, str]:
+    kind, _, name = checkpoint_id.partition("/")
+    if kind not in CHECKPOINT_KINDS or not name or "/" in name:
+        raise ValueError(f"checkpoint_id looks like 'weights/<name>' or "
+                         f"'sampler_weights/<name>'; got {checkpoint_id!r}")
+    return kind, name
+
+
+def archive_url_from_response(response: httpx.Response,
+                              now: datetime | None = None) -> types.CheckpointArchiveUrlResponse:
+    """Read a `.../archive` answer: 302 with `Location` (and `Expires`; else now + 15 min),
+    or a 200 JSON `{url, expires}`."""
+    if response.is_redirect:
+        url = urljoin(str(response.request.url), response.headers["location"])
+        expires: datetime | None = None
+        if "expires" in response.headers:
+            try:
+                expires = email.utils.parsedate_to_datetime(response.headers["expires"])
+            except (TypeError, ValueError):
+                expires = None
+        if expires is None or expires.tzinfo is None:
+            expires = (now or datetime.now(UTC)) + ARCHIVE_URL_DEFAULT_TTL
+        return types.CheckpointArchiveUrlResponse(url=url, expires=expires)
+    try:
+        body = response.json()
+    except ValueError as e:
+        raise APIResponseValidationError(
+            f"the server's answer to {response.request.url} is neither a redirect nor JSON "
+            f"(HTTP {response.status_code})") from e
+    return parse_result(types.CheckpointArchiveUrlResponse, body, "get_checkpoint_archive_url")
 
 
 class RestClient:
@@ -81,10 +130,7 @@ class RestClient:
                          types.CheckpointsListResponse)
 
     def _delete(self, training_run_id: str, checkpoint_id: str) -> APIFuture[None]:
-        kind, _, name = checkpoint_id.partition("/")
-        if kind not in CHECKPOINT_KINDS or not name or "/" in name:
-            raise ValueError(f"checkpoint_id looks like 'weights/<name>' or "
-                             f"'sampler_weights/<name>'; got {checkpoint_id!r}")
+        kind, name = _split_checkpoint_id(checkpoint_id)
         path = f"/training_runs/{_seg(training_run_id)}/checkpoints/{kind}/{_seg(name)}"
         return self._service._call(self._delete_coro(path))
 
@@ -102,6 +148,43 @@ class RestClient:
 
     async def _publish_coro(self, method: str, path: str) -> None:
         await self._service._transport.request(method, path)
+
+    def _archive_url(self, training_run_id: str, checkpoint_id: str
+                     ) -> APIFuture[types.CheckpointArchiveUrlResponse]:
+        kind, name = _split_checkpoint_id(checkpoint_id)
+        return self._service._call(self._archive_url_coro(training_run_id, kind, name))
+
+    def _archive_url_path(self, tinker_path: str
+                          ) -> APIFuture[types.CheckpointArchiveUrlResponse]:
+        return self._service._call(self._archive_url_coro(*parse_checkpoint_path(tinker_path)))
+
+    async def _archive_url_coro(self, run_id: str, kind: str, name: str
+                                ) -> types.CheckpointArchiveUrlResponse:
+        path = f"/training_runs/{_seg(run_id)}/checkpoints/{kind}/{_seg(name)}/archive"
+        response = await self._service._transport.request_redirect("GET", path)
+        return archive_url_from_response(response)
+
+    def _download(self, tinker_path: str, dest_dir: str | os.PathLike[str],
+                  max_bytes: int) -> APIFuture[Path]:
+        run_id, kind, name = parse_checkpoint_path(tinker_path)
+        return self._service._call(self._download_coro(run_id, kind, name, Path(dest_dir),
+                                                       max_bytes))
+
+    async def _download_coro(self, run_id: str, kind: str, name: str, dest_dir: Path,
+                             max_bytes: int) -> Path:
+        dest = dest_dir.expanduser().absolute()
+        check_destination(dest)  # before downloading anything
+        info = await self._archive_url_coro(run_id, kind, name)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tar.part", dir=dest.parent)
+        os.close(fd)
+        try:
+            await self._service._transport.download(info.url, tmp,
+                                                    max_bytes=max_bytes + _TAR_OVERHEAD)
+            # Extraction is disk- and CPU-bound: off the SDK loop, which other clients share.
+            return await asyncio.to_thread(extract_archive, tmp, dest, max_bytes=max_bytes)
+        finally:
+            os.unlink(tmp)
 
     def _weights_info(self, tinker_path: str) -> APIFuture[types.WeightsInfoResponse]:
         return self._service._call(self._service._query(
@@ -258,6 +341,81 @@ class RestClient:
     async def unpublish_checkpoint_from_tinker_path_async(self, tinker_path: str) -> None:
         """Async version of unpublish_checkpoint_from_tinker_path."""
         await self._publish(tinker_path, False)
+
+    def get_checkpoint_archive_url(self, training_run_id: str, checkpoint_id: str
+                                   ) -> types.CheckpointArchiveUrlResponse:
+        """A signed URL that downloads a checkpoint as a tar, without an API key, until it
+        expires (15 minutes on Bios). Yours, or one another tenant published.
+
+        Args:
+            training_run_id: the run's id.
+            checkpoint_id: "weights/<name>" or "sampler_weights/<name>".
+
+        Returns:
+            CheckpointArchiveUrlResponse (`url`, `expires`).
+
+        Raises:
+            NotFoundError: no such checkpoint visible to you.
+        """
+        return self._archive_url(training_run_id, checkpoint_id).result()
+
+    async def get_checkpoint_archive_url_async(self, training_run_id: str, checkpoint_id: str
+                                               ) -> types.CheckpointArchiveUrlResponse:
+        """Async version of get_checkpoint_archive_url."""
+        return await self._archive_url(training_run_id, checkpoint_id)
+
+    def get_checkpoint_archive_url_from_tinker_path(self, tinker_path: str
+                                                    ) -> types.CheckpointArchiveUrlResponse:
+        """A signed download URL for a checkpoint given its path (see
+        get_checkpoint_archive_url).
+
+        Args:
+            tinker_path: "bios://<run_id>/weights/<name>" or ".../sampler_weights/<name>".
+
+        Returns:
+            CheckpointArchiveUrlResponse (`url`, `expires`).
+        """
+        return self._archive_url_path(tinker_path).result()
+
+    async def get_checkpoint_archive_url_from_tinker_path_async(
+            self, tinker_path: str) -> types.CheckpointArchiveUrlResponse:
+        """Async version of get_checkpoint_archive_url_from_tinker_path."""
+        return await self._archive_url_path(tinker_path)
+
+    def download_checkpoint_archive_from_tinker_path(
+            self, tinker_path: str, dest_dir: str | os.PathLike[str],
+            max_bytes: int = DEFAULT_MAX_ARCHIVE_BYTES) -> Path:
+        """Download a checkpoint and extract it safely into a new directory.
+
+        Gets a signed URL, streams the archive to a temporary file beside `dest_dir`, and
+        extracts it with `bios.checkpoint_archive.extract_archive`: links, devices, absolute or
+        `..` paths, odd names, duplicates and more than `max_bytes` are refused before anything
+        is written, and a failed extraction leaves nothing behind. A sampler checkpoint (or the
+        adapter files of a training one) loads with `peft.PeftModel.from_pretrained(base,
+        dest_dir)`.
+
+        Args:
+            tinker_path: "bios://<run_id>/weights/<name>" or ".../sampler_weights/<name>".
+            dest_dir: the directory to create (it may exist if empty).
+            max_bytes: the most bytes the extracted files may add up to.
+
+        Returns:
+            `dest_dir` as an absolute Path, holding `adapter_model.safetensors`,
+            `adapter_config.json` and, for training checkpoints, `optimizer.safetensors` and
+            `bios_state.json`.
+
+        Raises:
+            FileExistsError: `dest_dir` exists and is not empty.
+            NotFoundError: no such checkpoint visible to you.
+            UnsafeArchiveError: the archive was refused (names the member).
+        """
+        return self._download(tinker_path, dest_dir, max_bytes).result()
+
+    async def download_checkpoint_archive_from_tinker_path_async(
+            self, tinker_path: str, dest_dir: str | os.PathLike[str],
+            max_bytes: int = DEFAULT_MAX_ARCHIVE_BYTES) -> Path:
+        """Async version of download_checkpoint_archive_from_tinker_path."""
+        return await self._download(tinker_path, dest_dir, max_bytes)
 
     def get_weights_info_by_tinker_path(self, tinker_path: str) -> types.WeightsInfoResponse:
         """What a checkpoint was trained as (base model, LoRA rank, trained layers).

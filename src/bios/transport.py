@@ -13,10 +13,12 @@ import asyncio
 import email.utils
 import json
 import logging
+import os
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -29,6 +31,7 @@ from bios.exceptions import (
     APITimeoutError,
     BiosAPIError,
     RequestFailedError,
+    UnsafeArchiveError,
     error_from_response,
 )
 
@@ -210,6 +213,27 @@ def _decode(response: httpx.Response) -> Any:
         return response.text
 
 
+def redact_url(url: str) -> str:
+    """A signed URL without its credential (query and last path segment), for messages."""
+    base = url.split("?", 1)[0].split("#", 1)[0]
+    head, sep, _ = base.rpartition("/")
+    return f"{head}/<signed>" if sep and "://" in head else base
+
+
+async def _save_stream(response: httpx.Response, dest: Path, url: str,
+                       max_bytes: int | None) -> int:
+    """Write a streamed body to `dest` (truncated first, so a retry starts over)."""
+    total = 0
+    with open(dest, "wb") as f:
+        async for chunk in response.aiter_bytes(1 << 20):
+            total += len(chunk)
+            if max_bytes is not None and total > max_bytes:
+                raise UnsafeArchiveError(f"the download from {redact_url(url)} is larger than "
+                                         f"the limit of {max_bytes} bytes")
+            f.write(chunk)
+    return total
+
+
 class Transport:
     """Two httpx.AsyncClients on the SDK loop: one for calls, one for long-polls.
 
@@ -256,6 +280,17 @@ class Transport:
         same bytes. Raises an APIStatusError subclass for a non-retryable (or finally failed)
         status, and APIConnectionError / APITimeoutError when no response came back.
         """
+        return _decode(await self._send(method, path, json_body=json_body, params=params,
+                                        poll=poll))
+
+    async def request_redirect(self, method: str, path: str) -> httpx.Response:
+        """Like `request`, but a redirect is not followed: a 3xx with a Location header is
+        returned as the response (as is a 2xx), for the caller to read its headers."""
+        return await self._send(method, path, redirect_ok=True)
+
+    async def _send(self, method: str, path: str, *, json_body: Any = None,
+                    params: dict[str, Any] | None = None, poll: bool = False,
+                    redirect_ok: bool = False) -> httpx.Response:
         budget = RetryBudget(self.policy)
         url = self.root + path
         if json_body is not None and not isinstance(json_body, bytes):
@@ -275,8 +310,8 @@ class Transport:
                     f"could not reach the Bios server at {self.root} ({type(e).__name__}: {e}); "
                     "is it running, and is BIOS_BASE_URL right?")
             else:
-                if response.is_success:
-                    return _decode(response)
+                if response.is_success or (redirect_ok and response.is_redirect):
+                    return response
                 err = error_from_response(response.status_code, _decode(response), method=method,
                                           url=url, reason=response.reason_phrase)
                 status = response.status_code
@@ -289,6 +324,48 @@ class Transport:
             log.info("bios: %s %s failed (%s); retry %d in %.2f s", method, path, err,
                      budget.attempt, delay)
             await asyncio.sleep(delay)
+
+    async def download(self, url: str, dest: str | os.PathLike[str], *,
+                       max_bytes: int | None = None) -> int:
+        """Stream GET `url` (absolute, e.g. a signed URL) into the file `dest`; return its size.
+
+        Sends no API key: the URL carries its own credential and may point at another host
+        (so messages and logs name it without that credential). Connection errors and
+        retryable statuses restart the download per `self.policy`; other statuses raise their
+        APIStatusError. More than `max_bytes` raises UnsafeArchiveError.
+        """
+        budget = RetryBudget(self.policy)
+        shown = redact_url(url)
+        timeout = httpx.Timeout(self.timeout, connect=CONNECT_TIMEOUT)
+        async with httpx.AsyncClient(headers={"User-Agent": self._user_agent},
+                                     transport=self._http_transport, timeout=timeout,
+                                     follow_redirects=True) as client:
+            while True:
+                retry_after: float | None = None
+                status = 0
+                try:
+                    async with client.stream("GET", url) as response:
+                        if response.is_success:
+                            return await _save_stream(response, Path(dest), url, max_bytes)
+                        await response.aread()
+                        status = response.status_code
+                        err: BiosAPIError = error_from_response(
+                            status, _decode(response), method="GET", url=shown,
+                            reason=response.reason_phrase)
+                        if not is_retryable_status(status):
+                            raise err
+                        retry_after = parse_retry_after(response.headers)
+                except httpx.TimeoutException as e:
+                    err = APITimeoutError(f"GET {shown} timed out ({type(e).__name__})")
+                except httpx.TransportError as e:
+                    err = APIConnectionError(f"downloading {shown} failed "
+                                             f"({type(e).__name__})")
+                delay = budget.next_delay(retry_after, backpressure=status == 429)
+                if delay is None:
+                    raise err
+                log.info("bios: download of %s failed (%s); retry %d in %.2f s", shown, err,
+                         budget.attempt, delay)
+                await asyncio.sleep(delay)
 
     async def submit(self, path: str, body: bytes | dict[str, Any]) -> types.UntypedAPIFuture:
         """POST a request (JSON bytes or value) whose reply is the id of a server-side future."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any, Literal
 
 import numpy as np
@@ -346,6 +347,13 @@ class Checkpoint(LenientModel):
 class CheckpointsListResponse(LenientModel):
     checkpoints: list[Checkpoint]
     cursor: Cursor | None = None
+
+
+class CheckpointArchiveUrlResponse(LenientModel):
+    """A signed URL that downloads a checkpoint as a tar (no API key needed) until `expires`."""
+
+    url: str
+    expires: datetime
 
 
 class Cursor(LenientModel):

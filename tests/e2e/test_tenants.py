@@ -23,11 +23,9 @@ from bios.exceptions import (
     PermissionDeniedError,
 )
 from bios.server.auth import hash_key
-from server_process import ServerProcess
+from server_process import KEY_A, KEY_B, ServerProcess
 
 TINY = "bios/tiny-llama"
-KEY_A = "bios_alice-test-key"
-KEY_B = "bios_bob-test-key"
 PROMPT = types.ModelInput.from_ints([5, 17, 923, 40])
 GREEDY = types.SamplingParams(max_tokens=4, temperature=0.0)
 
@@ -38,17 +36,6 @@ def datum(tokens: list[int]) -> types.Datum:
 
 
 BATCH = [datum([5, 17, 923, 40, 71, 88, 1024, 3])]
-
-
-@pytest.fixture(scope="module")
-def keyed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    keys_file = tmp_path_factory.mktemp("keys") / "keys"
-    keys_file.write_text(f"alice:{hash_key(KEY_A)}\n")
-    proc = ServerProcess(tmp_path_factory.mktemp("tenants"), [TINY],
-                         extra_args=["--api-keys-file", str(keys_file)],
-                         env={"BIOS_API_KEYS": f"bob:{hash_key(KEY_B)}"}).start()
-    yield proc
-    proc.stop()
 
 
 @pytest.fixture(autouse=True)

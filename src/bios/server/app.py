@@ -9,7 +9,9 @@ client waits.
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import logging
+import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from typing import Any
@@ -17,7 +19,7 @@ from typing import Any
 from fastapi import FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 
 from bios import types as T
 from bios.server.auth import KeyRing, presented_key
@@ -27,6 +29,9 @@ from bios.server.validation import APIError
 
 log = logging.getLogger("bios.server")
 LOCAL_OWNER = "local"
+# Signed archive downloads carry their credential in the URL (see archives.py); exactly one
+# path segment of token characters is let through without an API key.
+ARCHIVE_DOWNLOAD_RE = re.compile(r"^/api/v1/archives/[A-Za-z0-9_.-]+$")
 
 
 class Waiters:
@@ -158,10 +163,12 @@ def create_app(config: ServerConfig, service: BiosService | None = None) -> Fast
 
     @app.middleware("http")
     async def _authenticate(request: Request, call_next: Callable[..., Any]) -> Any:
-        """Every route but healthz needs a key when keys are configured; sets the owner."""
+        """Every route but healthz and signed archive downloads needs a key when keys are
+        configured; sets the owner."""
         if not keyring.enabled:
             request.state.owner = LOCAL_OWNER
-        elif request.url.path not in open_paths:
+        elif (request.url.path not in open_paths
+              and not ARCHIVE_DOWNLOAD_RE.fullmatch(request.url.path)):
             key = presented_key(request.headers)
             tenant = keyring.tenant_for(key)
             if tenant is None:
@@ -315,6 +322,24 @@ def create_app(config: ServerConfig, service: BiosService | None = None) -> Fast
     def unpublish_checkpoint(request: Request, run_id: str, seg: str, name: str
                              ) -> T.Checkpoint:
         return svc.publish_checkpoint(owner_of(request), run_id, seg, name, False)
+
+    @app.get(f"{api}/training_runs/{{run_id}}/checkpoints/{{seg}}/{{name}}/archive")
+    def checkpoint_archive(request: Request, run_id: str, seg: str, name: str) -> Response:
+        """302 to a signed download URL (valid 15 minutes; `Expires` says until when)."""
+        token, expires = svc.archive_token(owner_of(request), run_id, seg, name)
+        url = str(request.url_for("download_archive", token=token))
+        return RedirectResponse(url, status_code=302, headers={
+            "Expires": email.utils.formatdate(expires, usegmt=True),
+            "Cache-Control": "no-store"})
+
+    @app.get(f"{api}/archives/{{token}}", name="download_archive")
+    def download_archive(token: str) -> Response:
+        """The checkpoint as a tar; the signed token is the credential (no API key)."""
+        stream, filename = svc.open_archive(token)
+        return StreamingResponse(iter(stream), media_type="application/x-tar", headers={
+            "Content-Length": str(stream.size),
+            "Content-Disposition": f'attachment; filename="{filename}"',
+            "Cache-Control": "no-store"})
 
     @app.delete(f"{api}/training_runs/{{run_id}}/checkpoints/{{seg}}/{{name}}")
     def delete_checkpoint(request: Request, run_id: str, seg: str, name: str) -> dict[str, str]:

@@ -19,6 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from bios import types as T
+from bios.server.archives import (
+    SECRET_FILE,
+    ArchiveClaims,
+    ArchiveSigner,
+    ArchiveTokenError,
+    CheckpointFilesMissing,
+    TarStream,
+)
 from bios.server.config import ServerConfig
 from bios.server.scheduler import ClockLoop
 from bios.server.store import (
@@ -84,6 +92,7 @@ class BiosService:
         self.store: Store | None = None
         self.registry: Any = None
         self.models: dict[str, ServedModel] = {}  # canonical name -> served model
+        self.archives = ArchiveSigner(config.data_dir / SECRET_FILE)
         self.ready = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -114,7 +123,8 @@ class BiosService:
                               period=cfg.clock_period, notify=self.notify,
                               cycle_ids=self._next_cycle_id, state_dir=cfg.state_dir,
                               snapshot_steps=cfg.snapshot_steps,
-                              snapshot_seconds=cfg.snapshot_seconds)
+                              snapshot_seconds=cfg.snapshot_seconds,
+                              gather_s=cfg.gather_s)
             limits = ModelLimits(int(hf["vocab_size"]), self.registry.context_length(canonical))
             self.models[canonical] = ServedModel(canonical, str(hf.get("model_type", "llama")),
                                                  limits, executor, clock)
@@ -465,6 +475,54 @@ class BiosService:
         if root in directory.parents:  # never delete outside the data dir
             shutil.rmtree(directory, ignore_errors=True)
         self.db.delete_checkpoint(ck.id)
+
+    # ------------------------------------------------------------------ archives
+
+    def archive_token(self, owner: str, run_id: str, seg: str, name: str) -> tuple[str, int]:
+        """A signed token for downloading a checkpoint the caller may read (its owner, or
+        anyone once it is published; else 404), and its expiry in unix seconds."""
+        if seg not in ("weights", "sampler_weights"):
+            raise APIError(400, "checkpoint type must be 'weights' or 'sampler_weights'",
+                           "checkpoint_id")
+        check_name(name, "checkpoint_id")
+        kind = "training" if seg == "weights" else "sampler"
+        ck = self.db.get_checkpoint(run_id, kind, name)
+        if ck is None or ck.ephemeral or (ck.owner != owner and not ck.public):
+            raise APIError(404, f"checkpoint {seg}/{name} not found in run {run_id!r}",
+                           "checkpoint_id", "unknown_checkpoint")
+        exp = self.archives.expiry()
+        token = self.archives.sign(ArchiveClaims(run=run_id, seg=seg, name=name,
+                                                 ckpt_id=ck.id, created_at=ck.created_at,
+                                                 tenant=owner, exp=exp))
+        return token, exp
+
+    def open_archive(self, token: str) -> tuple[TarStream, str]:
+        """The tar stream of the checkpoint a token names, and a file name for it.
+
+        403 for a bad or expired token; 404 when the checkpoint was deleted, replaced, or is
+        no longer visible to the tenant the token was issued to (unpublished) since.
+        """
+        try:
+            claims = self.archives.verify(token)
+        except ArchiveTokenError as e:
+            raise APIError(403, str(e), "token", "invalid_archive_url") from e
+        kind = "training" if claims.seg == "weights" else "sampler"
+        gone = APIError(404, f"checkpoint {claims.seg}/{claims.name} of run {claims.run!r} was "
+                        "deleted, replaced or unpublished since this URL was issued", "token",
+                        "unknown_checkpoint")
+        ck = self.db.get_checkpoint(claims.run, kind, claims.name)
+        if (ck is None or ck.id != claims.ckpt_id or ck.created_at != claims.created_at
+                or ck.ephemeral or (ck.owner != claims.tenant and not ck.public)):
+            raise gone
+        root = self.config.checkpoint_dir.resolve()
+        directory = Path(ck.directory).resolve()
+        if root not in directory.parents:  # never read outside the data dir
+            raise gone
+        try:
+            stream = TarStream(directory)
+        except CheckpointFilesMissing as e:
+            raise gone from e
+        return stream, f"{run_dir_name(claims.run)}-{claims.seg}-{claims.name}.tar"
 
     # ------------------------------------------------------------------ samplers
 
