@@ -43,7 +43,9 @@ def _serve(args: argparse.Namespace) -> int:
             ("max_queued_per_tenant", args.max_queued_per_tenant),
             ("max_queued_total", args.max_queued_total),
             ("snapshot_steps", args.snapshot_steps),
-            ("snapshot_seconds", args.snapshot_seconds)) if v is not None},
+            ("snapshot_seconds", args.snapshot_seconds),
+            ("gather_s", None if args.gather_ms is None else args.gather_ms / 1000.0))
+            if v is not None},
     )
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -90,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
                             "(default: HuggingFaceTB/SmolLM2-135M-Instruct)")
     serve.add_argument("--clock-period", type=float, default=0.0, metavar="SECONDS",
                        help="seconds between clock cycles; 0 = continuous (default)")
+    serve.add_argument("--gather-ms", type=float, default=None, metavar="MS",
+                       help="continuous cycles: how long the next cycle may wait for the "
+                            "runs of a multi-run cycle to send their next step (default 50; "
+                            "0 = never wait)")
     serve.add_argument("--database-url", default=None,
                        help="SQLAlchemy URL (default: SQLite in the data dir); "
                             "postgresql+psycopg://... works too")

@@ -3,14 +3,14 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from bios.server.store import Base, SessionRow, Store
+from bios.server.store import Store
 from postgres_server import PostgresServer, find_bindir
+from store_fixture import open_store
 
 NO_PG = find_bindir() is None
 
@@ -23,18 +23,6 @@ def pg() -> Iterator[PostgresServer]:
     print(f"throwaway PostgreSQL up in {server.startup_s:.2f}s at {server.url}")
     yield server
     server.stop()
-
-
-def open_store(url: str) -> Store:
-    """A store with a clean schema and the session "s" the test helpers' runs belong to
-    (PostgreSQL checks that foreign key)."""
-    s = Store(url)
-    Base.metadata.drop_all(s.engine)
-    Base.metadata.create_all(s.engine)
-    with s.tx() as tx:
-        tx.add(SessionRow(id="s", owner="local", created_at=time.time(),
-                          last_heartbeat=time.time()))
-    return s
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=[

@@ -149,3 +149,86 @@ def test_clock_cycle_records_results_and_failures_alone(store: Store) -> None:
     assert set(notified) >= {ok, bad}
     assert loop.run_cycle() is None  # nothing left
     assert "cycle 1 model=m runs=1 ops=4" in entry.line()
+
+
+class TimedExecutor(RecordingExecutor):
+    """Reports each cycle as `engine_ms` long (the gathering window scales with it)."""
+
+    def __init__(self, engine_ms: float) -> None:
+        super().__init__()
+        self.engine_ms = engine_ms
+
+    def submit(self, plan: P.CyclePlan) -> Future[P.CycleResult]:
+        res = super().submit(plan).result()
+        f: Future[P.CycleResult] = Future()
+        f.set_result(P.CycleResult(res.cycle_id, res.results,
+                                   P.CycleStats(runs=2, engine_ms=self.engine_ms)))
+        return f
+
+
+def _runs_of(plan: P.CyclePlan) -> set[str]:
+    return {op.run_id for step in plan.steps
+            for op in (step.ops if isinstance(step, P.PassGroup) else [step])}
+
+
+def _wait_for(cond: object, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def _gathering_loop(store: Store, ex: TimedExecutor, gather_s: float) -> ClockLoop:
+    counter = iter(range(1, 1000))
+    return ClockLoop(base_model=MODEL, store=store, executor=ex, period=0, notify=lambda _: None,
+                     cycle_ids=lambda: next(counter), gather_s=gather_s)
+
+
+def test_continuous_cycle_waits_for_the_runs_of_the_last_cycle(store: Store) -> None:
+    """After a cycle served r1 and r2, r1's next step alone does not start a cycle: the loop
+    waits for r2's, then runs both together at once (well before the gathering deadline)."""
+    make_run(store, "r1")
+    make_run(store, "r2")
+    submit(store, "r1", 1)
+    submit(store, "r2", 1)
+    ex = TimedExecutor(engine_ms=60_000.0)  # window = min(gather_s, engine time / 2) = 5 s
+    loop = _gathering_loop(store, ex, gather_s=5.0)
+    loop.start()
+    try:
+        _wait_for(lambda: len(ex.plans) == 1)
+        assert _runs_of(ex.plans[0]) == {"r1", "r2"}
+        submit(store, "r1", 2)
+        loop.wake()
+        time.sleep(0.4)
+        assert len(ex.plans) == 1  # still gathering: r2 has not sent its step yet
+        t0 = time.monotonic()
+        submit(store, "r2", 2)
+        loop.wake()
+        _wait_for(lambda: len(ex.plans) == 2)
+        assert time.monotonic() - t0 < 2.5
+        assert _runs_of(ex.plans[1]) == {"r1", "r2"}
+    finally:
+        loop.stop()
+
+
+def test_gathering_wait_is_bounded(store: Store) -> None:
+    """A run of the last cycle that sends nothing more delays the next cycle by at most the
+    window; with gather_s = 0 there is no wait at all."""
+    for gather_s, min_wait in ((0.6, 0.5), (0.0, 0.0)):
+        for r in ("a", "b"):
+            make_run(store, f"{r}{gather_s}")
+            submit(store, f"{r}{gather_s}", 1)
+        ex = TimedExecutor(engine_ms=60_000.0)
+        loop = _gathering_loop(store, ex, gather_s=gather_s)
+        loop.start()
+        try:
+            _wait_for(lambda: len(ex.plans) == 1)  # noqa: B023
+            t0 = time.monotonic()
+            submit(store, f"a{gather_s}", 2)
+            loop.wake()
+            _wait_for(lambda: len(ex.plans) == 2)  # noqa: B023
+            waited = time.monotonic() - t0
+            assert min_wait <= waited < min_wait + 3.0
+            assert _runs_of(ex.plans[1]) == {f"a{gather_s}"}
+        finally:
+            loop.stop()

@@ -19,7 +19,6 @@ from sqlalchemy import func, select, text, update
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for postgres_server
 
-from conftest import open_store
 from test_scheduler import MODEL, claim_seqs, fb_payload, make_run, submit
 
 from bios.server.store import (
@@ -36,6 +35,7 @@ from bios.server.store import (
     Store,
 )
 from postgres_server import PostgresServer, find_bindir
+from store_fixture import open_store
 
 pytestmark = [
     pytest.mark.postgres,

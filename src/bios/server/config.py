@@ -22,6 +22,9 @@ class ServerConfig:
     port: int = 8000
     models: list[str] = field(default_factory=lambda: [DEFAULT_MODEL])
     clock_period: float = 0.0
+    # Continuous mode: how long a cycle may wait for the runs of the last multi-run cycle to
+    # send their next step (keeps runs that wait on each result in shared passes); 0: never.
+    gather_s: float = 0.05
     database_url: str | None = None  # default: SQLite file in data_dir
     device: str | None = None  # None: CUDA when present, else CPU
     token_budget: int | None = None  # tokens per batched pass; None: engine default for device
@@ -45,6 +48,8 @@ class ServerConfig:
         self.data_dir = Path(self.data_dir)
         if self.clock_period < 0:
             raise ValueError("clock_period must be >= 0 (0 = continuous cycles)")
+        if self.gather_s < 0:
+            raise ValueError("gather_s must be >= 0 (0 = never wait)")
 
     @property
     def db_url(self) -> str:

@@ -38,6 +38,11 @@ from bios.server.store import (
 log = logging.getLogger("bios.scheduler")
 
 PASS_KINDS = ("forward", "forward_backward")
+TRAINING_KINDS = (*PASS_KINDS, "optim_step")  # what a training loop waits on, step by step
+# Continuous mode: a cycle starts once no submit has arrived for SETTLE_S (a client's
+# forward_backward and optim_step arrive a round trip apart), waiting at most SETTLE_MAX_S.
+SETTLE_S = 0.004
+SETTLE_MAX_S = 0.012
 
 
 class Executor(Protocol):
@@ -174,12 +179,16 @@ class ClockLoop:
     period > 0: a cycle starts every `period` seconds (a cycle that overruns makes the next
     start at once); requests stored after a cycle's start wait for the next cycle.
     period == 0: continuous; a cycle starts as soon as work is queued and the engine is free.
+    When a continuous cycle served several runs, the next one waits up to `gather_s` (and at
+    most half the last cycle's engine time) for those runs to send their next requests, so
+    runs that wait on each result stay in step and share passes instead of drifting into
+    cycles of one run each; the wait ends as soon as each of them has work queued.
     """
 
     def __init__(self, *, base_model: str, store: Store, executor: Executor, period: float,
                  notify: Callable[[list[str]], None], cycle_ids: Callable[[], int],
                  state_dir: str | Path | None = None, snapshot_steps: int = 50,
-                 snapshot_seconds: float = 120.0):
+                 snapshot_seconds: float = 120.0, gather_s: float = 0.05):
         self.base_model = base_model
         self.store = store
         self.executor = executor
@@ -199,6 +208,11 @@ class ClockLoop:
         self.snapshot_steps = snapshot_steps
         self.snapshot_seconds = snapshot_seconds
         self._unsaved: dict[str, _Unsaved] = {}  # runs whose state changed since a snapshot
+        # Continuous mode: the runs of the last multi-run cycle, awaited until the deadline.
+        self.gather_s = gather_s
+        self._gather_runs: set[str] = set()
+        self._gather_deadline = 0.0
+        self._last_submit = 0.0
 
     def start(self) -> None:
         self._thread.start()
@@ -210,6 +224,7 @@ class ClockLoop:
 
     def wake(self) -> None:
         """Called after a submit: in continuous mode, start a cycle now if idle."""
+        self._last_submit = time.monotonic()
         self._wake.set()
 
     def _run(self) -> None:
@@ -221,6 +236,8 @@ class ClockLoop:
                 if self.period == 0 or now >= next_tick:
                     if self.period > 0:
                         next_tick = max(next_tick + self.period, now)
+                    elif self.gather_s > 0:
+                        self._gather()
                     trained = self.run_cycle() is not None
                 sampled = self.run_sampling_chunk()
             except Exception:  # a bug here must not kill the clock; requests fail visibly
@@ -229,6 +246,30 @@ class ClockLoop:
                 timeout = next_tick - time.monotonic() if self.period > 0 else 1.0
                 self._wake.wait(timeout=max(0.0, timeout))
                 self._wake.clear()
+
+    def _gather(self) -> None:
+        """Continuous mode, before a cycle: let a burst of submits finish (a client sends a
+        step's forward_backward and optim_step back to back: one cycle should take both),
+        and wait (bounded) for the runs of the last multi-run cycle to queue their next step.
+        """
+        waiting, self._gather_runs = self._gather_runs, set()
+        if self._sampling_active:  # decode chunks between cycles already give them time
+            return
+        now = time.monotonic()
+        deadline = self._gather_deadline if waiting else now + SETTLE_MAX_S
+        while not self._stop.is_set():
+            left = deadline - now
+            if left <= 0:
+                return
+            quiet = now - self._last_submit
+            if quiet < SETTLE_S:  # submits are still arriving
+                self._stop.wait(min(left, SETTLE_S - quiet))
+            elif not waiting or waiting <= self.store.runs_with_queued(waiting):
+                return
+            else:
+                self._wake.clear()
+                self._wake.wait(timeout=left)
+            now = time.monotonic()
 
     def run_sampling_chunk(self) -> bool:
         """Admit queued sample requests and run a bounded chunk of decode steps.
@@ -303,6 +344,12 @@ class ClockLoop:
                          st.heap_in_use_mib)
         self.last_cycle = entry
         log.info(entry.line())
+        if self.period == 0 and self.gather_s > 0:
+            trained = {r.run_id for r in claimed if r.run_id and r.kind in TRAINING_KINDS}
+            if len(trained) > 1:
+                self._gather_runs = trained
+                self._gather_deadline = time.monotonic() + min(self.gather_s,
+                                                               st.engine_ms / 2000.0)
         self._snapshot_due_runs(plan, result, claimed)
         return entry
 

@@ -487,6 +487,14 @@ class Store:
                 RequestRow.base_model == base_model, RequestRow.status == QUEUED,
                 RequestRow.run_id.is_not(None)).limit(1)).first() is not None
 
+    def runs_with_queued(self, run_ids: set[str]) -> set[str]:
+        """Which of these runs have at least one queued request."""
+        if not run_ids:
+            return set()
+        with self.tx() as s:
+            return set(s.execute(select(RequestRow.run_id).distinct().where(
+                RequestRow.run_id.in_(sorted(run_ids)), RequestRow.status == QUEUED)).scalars())
+
     def has_queued_samples(self, base_model: str) -> bool:
         with self.tx() as s:
             return s.execute(select(RequestRow.id).where(

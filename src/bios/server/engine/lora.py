@@ -193,8 +193,10 @@ class LoRABatch:
             for a in self.adapters:
                 if key in a.weights:
                     A, B = a.weights[key]
-                    As.append(F.pad(A, (0, r - A.shape[1])))
-                    Bs.append(F.pad(B, (0, 0, 0, r - B.shape[0])))
+                    if A.shape[1] < r:  # F.pad copies even when it pads nothing
+                        A, B = F.pad(A, (0, r - A.shape[1])), F.pad(B, (0, 0, 0, r - B.shape[0]))
+                    As.append(A)
+                    Bs.append(B)
                 else:
                     As.append(A0.new_zeros(A0.shape[0], r))
                     Bs.append(B0.new_zeros(r, B0.shape[1]))
