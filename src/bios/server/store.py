@@ -487,13 +487,15 @@ class Store:
                 RequestRow.base_model == base_model, RequestRow.status == QUEUED,
                 RequestRow.run_id.is_not(None)).limit(1)).first() is not None
 
-    def runs_with_queued(self, run_ids: set[str]) -> set[str]:
-        """Which of these runs have at least one queued request."""
+    def queued_counts(self, run_ids: set[str]) -> dict[str, int]:
+        """Queued requests per run, for these runs (runs with none are left out)."""
         if not run_ids:
-            return set()
+            return {}
         with self.tx() as s:
-            return set(s.execute(select(RequestRow.run_id).distinct().where(
-                RequestRow.run_id.in_(sorted(run_ids)), RequestRow.status == QUEUED)).scalars())
+            rows = s.execute(select(RequestRow.run_id, func.count()).where(
+                RequestRow.run_id.in_(sorted(run_ids)), RequestRow.status == QUEUED)
+                .group_by(RequestRow.run_id)).all()
+        return {run_id: int(n) for run_id, n in rows}
 
     def has_queued_samples(self, base_model: str) -> bool:
         with self.tx() as s:
