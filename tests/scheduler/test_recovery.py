@@ -20,7 +20,7 @@ from test_scheduler import MODEL, fb_payload, make_run, submit
 
 from bios.server import plan as P
 from bios.server.scheduler import ClockLoop
-from bios.server.store import COMPLETED, FAILED, QUEUED, RUNNING, Store
+from bios.server.store import COMPLETED, FAILED, QUEUED, RUNNING, RunRow, Store
 
 OPT = {"owner": "local", "base_model_name": MODEL, "wire": {"adam_params": {}}}
 
@@ -290,6 +290,61 @@ def test_unreplayable_run_is_marked_lost_and_others_recover(store, tmp_path) -> 
     assert run.lost_reason and "could not be rebuilt" in run.lost_reason
     row = store.get_request(pending)
     assert row.status == FAILED and row.error == run.lost_reason
+
+
+# ----------------------------------------------------------------------------- unloading
+
+
+def idle_clock(store: Store, executor, state_dir: Path, unload_idle_s: float) -> ClockLoop:
+    loop = clock(store, executor, state_dir, steps=100)  # no periodic snapshot in the way
+    loop.unload_idle_s = unload_idle_s
+    return loop
+
+
+def test_idle_run_is_unloaded_and_rebuilt_by_its_next_request(store, tmp_path) -> None:
+    """A run idle past unload_idle_s leaves the engine after a snapshot of its state; a run
+    holding gradients stays. The next request rebuilds the run from the snapshot and
+    training goes on as if it had never left."""
+    make_run(store, "r1")
+    make_run(store, "r2")
+    eng = FakeEngine()
+    loop = idle_clock(store, eng, tmp_path / "state", unload_idle_s=0.05)
+    seq = train(store, loop, "r1", 1, 3)
+    submit(store, "r2", 1)  # a forward_backward with no optim_step: gradients pending
+    assert loop.run_cycle() is not None
+    assert loop.unload_idle_runs() == []  # not idle long enough yet
+    time.sleep(0.1)
+    assert loop.unload_idle_runs() == ["r1"]
+    assert "r1" not in eng.runs and "r2" in eng.runs
+    run = store.get_run("r1")
+    assert run.snapshot_seq == seq - 1 and Path(run.snapshot_dir).is_dir()
+    train(store, loop, "r1", seq, 2)
+    kinds = [s.kind for s in eng.plans[-3].steps]  # the rebuild, before the step's cycle
+    assert kinds == ["create", "load"]
+    assert eng.runs["r1"] == pytest.approx(reference(5))
+    assert all(v == COMPLETED for v in statuses(store, "r1").values())
+
+
+def test_restart_rebuilds_recent_runs_now_and_idle_ones_on_demand(store, tmp_path) -> None:
+    for run in ("recent", "old"):
+        make_run(store, run)
+    loop1 = clock(store, FakeEngine(), tmp_path / "state")
+    for run in ("recent", "old"):
+        train(store, loop1, run, 1, 2)
+    with store.tx() as s:  # "old" last heard from an hour ago
+        s.query(RunRow).filter(RunRow.id == "old").update(
+            {RunRow.last_request_time: time.time() - 3600})
+    eng = FakeEngine()
+    loop2 = idle_clock(store, eng, tmp_path / "state", unload_idle_s=600)
+    assert loop2.recover() == ["recent"]
+    assert set(eng.runs) == {"recent"}
+    eng_ref = FakeEngine()
+    store_ref = Store(f"sqlite:///{tmp_path / 'ref.sqlite'}")
+    store_ref.create_session("local", [], None)
+    make_run(store_ref, "old")
+    train(store_ref, clock(store_ref, eng_ref, None), "old", 1, 3)
+    train(store, loop2, "old", 5, 1)  # rebuilt (create + replay of 2 steps), then step 3
+    assert eng.runs["old"] == pytest.approx(eng_ref.runs["old"])
 
 
 # ----------------------------------------------------------------------------- engine errors

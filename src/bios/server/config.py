@@ -24,7 +24,7 @@ class ServerConfig:
     clock_period: float = 0.0
     # Continuous mode: how long a cycle may wait for the runs of the last multi-run cycle to
     # send their next step (keeps runs that wait on each result in shared passes); 0: never.
-    gather_s: float = 0.05
+    gather_s: float = 0.2
     database_url: str | None = None  # default: SQLite file in data_dir
     device: str | None = None  # None: CUDA when present, else CPU
     token_budget: int | None = None  # tokens per batched pass; None: engine default for device
@@ -40,6 +40,10 @@ class ServerConfig:
     # optim steps, or a change this many seconds old, not yet in a snapshot (bounds replay).
     snapshot_steps: int = 50
     snapshot_seconds: float = 120.0
+    # Runs idle this long (all requests done, no pending gradients) leave engine memory after
+    # a snapshot and are rebuilt from it on their next request; a restart rebuilds at once
+    # only runs active this recently. 0: keep every run resident (and rebuild all at start).
+    unload_idle_s: float = 900.0
     model_cache: Path | None = None  # default: data_dir/models; share one across servers
     # (tenant, sha256 hex of a key) pairs; empty: local mode, one tenant "local", loopback only.
     api_keys: list[tuple[str, str]] = field(default_factory=list)
@@ -48,6 +52,8 @@ class ServerConfig:
         self.data_dir = Path(self.data_dir)
         if self.clock_period < 0:
             raise ValueError("clock_period must be >= 0 (0 = continuous cycles)")
+        if self.unload_idle_s < 0:
+            raise ValueError("unload_idle_s must be >= 0 (0 = never unload)")
         if self.gather_s < 0:
             raise ValueError("gather_s must be >= 0 (0 = never wait)")
 

@@ -29,6 +29,7 @@ from bios.server import plan as P
 from bios.server.store import (
     CheckpointRow,
     ClaimedRequest,
+    RunRecovery,
     RunRow,
     RunWork,
     SamplerRow,
@@ -188,7 +189,8 @@ class ClockLoop:
     def __init__(self, *, base_model: str, store: Store, executor: Executor, period: float,
                  notify: Callable[[list[str]], None], cycle_ids: Callable[[], int],
                  state_dir: str | Path | None = None, snapshot_steps: int = 50,
-                 snapshot_seconds: float = 120.0, gather_s: float = 0.05):
+                 snapshot_seconds: float = 120.0, gather_s: float = 0.2,
+                 unload_idle_s: float = 0.0):
         self.base_model = base_model
         self.store = store
         self.executor = executor
@@ -215,6 +217,13 @@ class ClockLoop:
         self._step_seen: dict[str, int] = {}  # run -> the last cycle it trained in
         self._gather_deadline = 0.0
         self._last_submit = 0.0
+        # Residency: runs whose state is in the engine. A run idle for unload_idle_s (> 0,
+        # with snapshots on) is released after a snapshot and rebuilt on its next request.
+        self.unload_idle_s = unload_idle_s
+        self._resident: set[str] = set()
+        self._last_active: dict[str, float] = {}  # run -> monotonic time of its last claim
+        self._dirty: set[str] = set()  # runs holding gradients no optim_step has consumed
+        self._last_unload_check = 0.0
 
     def start(self) -> None:
         self._thread.start()
@@ -244,6 +253,12 @@ class ClockLoop:
                 sampled = self.run_sampling_chunk()
             except Exception:  # a bug here must not kill the clock; requests fail visibly
                 log.exception("cycle failed for %s", self.base_model)
+            if time.monotonic() - self._last_unload_check >= 1.0:
+                self._last_unload_check = time.monotonic()
+                try:
+                    self.unload_idle_runs()
+                except Exception:
+                    log.exception("unloading idle runs of %s failed", self.base_model)
             if not (trained or sampled):
                 timeout = next_tick - time.monotonic() if self.period > 0 else 1.0
                 self._wake.wait(timeout=max(0.0, timeout))
@@ -328,6 +343,8 @@ class ClockLoop:
         """Claim what is runnable now, execute it as one cycle, record the outcome."""
         started = time.time()
         claimed = self.store.claim_cycle(self.base_model, cutoff=started)
+        if claimed:
+            claimed = self._restore_claimed(claimed)
         if not claimed:
             return None
         t0 = time.perf_counter()
@@ -348,6 +365,8 @@ class ClockLoop:
             if req is None:
                 continue
             if op.ok:
+                if req.kind == "create" and req.run_id:
+                    self._resident.add(req.run_id)
                 self.store.finish(req.id, result=self._wire_result(req, op.result or {}),
                                   cycle_id=cycle_id)
             else:
@@ -358,6 +377,10 @@ class ClockLoop:
         for rid in missing:  # never leave a claimed request hanging
             self.store.finish(rid, error="the engine returned no result for this request",
                               category="server", cycle_id=cycle_id)
+        active = time.monotonic()
+        for req in claimed:
+            if req.run_id:
+                self._last_active[req.run_id] = active
         total_ms = (time.perf_counter() - t0) * 1000
         st = result.stats
         self.store.record_cycle(self.base_model, started, st.engine_ms, total_ms, st.runs,
@@ -420,6 +443,8 @@ class ClockLoop:
                 u = self._unsaved.setdefault(op.run_id, _Unsaved(since=now))
                 u.steps += isinstance(op, P.OptimStepOp)
                 u.force = u.force or isinstance(op, P.LoadStateOp)
+        for run, c in clean.items():  # a run holding gradients cannot be unloaded
+            (self._dirty.discard if c else self._dirty.add)(run)
         last_seq: dict[str, int] = {}
         for req in claimed:
             if req.run_id and req.seq_id is not None:
@@ -463,18 +488,31 @@ class ClockLoop:
                  (time.perf_counter() - t0) * 1000)
 
     def recover(self) -> list[str]:
-        """Rebuild every run's engine state from the durable log; call before `start()`.
+        """Rebuild engine state from the durable log after a restart; call before `start()`.
 
-        Per run (not lost, created): create its adapter (same spec and seed), load its last
-        snapshot with optimizer state if it has one, then replay its completed state-changing
-        requests after the snapshot in seq order: one batched plan through the normal engine,
-        results discarded (they were recorded before the crash). Requests that were running
-        are queued again (Store.prepare_recovery), so each optim_step applies exactly once.
-        A run whose replay fails is marked lost and its pending requests fail. Returns the
-        recovered run ids; logs one line per run.
+        Requests that were running are queued again (Store.prepare_recovery), so each
+        optim_step applies exactly once. Runs with queued work or a request within the last
+        `unload_idle_s` are rebuilt now (see `_restore`); the others stay on disk and are
+        rebuilt when work arrives for them, so start-up time does not grow with history.
+        Returns the run ids rebuilt now; logs one line per run.
         """
         t0 = time.perf_counter()
-        recs = self.store.prepare_recovery(self.base_model)
+        since = time.time() - self.unload_idle_s if self.unload_idle_s > 0 else None
+        recs = self.store.prepare_recovery(self.base_model, active_since=since)
+        recovered = self._restore(recs, "recovered")
+        if recs:
+            log.info("recovery model=%s runs=%d lost=%d ms=%.1f", self.base_model,
+                     len(recovered), len(recs) - len(recovered),
+                     (time.perf_counter() - t0) * 1000)
+        return recovered
+
+    def _restore(self, recs: list[RunRecovery], verb: str) -> list[str]:
+        """Rebuild runs in the engine from their log: per run, create its adapter (same spec
+        and seed), load its last snapshot with optimizer state if it has one, then replay its
+        completed state-changing requests after the snapshot in seq order: one batched plan
+        through the normal engine, results discarded (they were recorded when first run). A
+        run whose rebuild fails is marked lost and its pending requests fail. Returns the runs
+        rebuilt."""
         claimed: list[ClaimedRequest] = []
         specs: dict[str, P.AdapterSpec] = {}
         lost: dict[str, str] = {}
@@ -503,7 +541,7 @@ class ClockLoop:
                 res: P.CycleResult = self.executor.submit(plan).result()  # type: ignore[assignment]
                 results, stats = res.results, res.stats
             except Exception as e:
-                log.exception("recovery of %s failed", self.base_model)
+                log.exception("rebuilding runs of %s failed", self.base_model)
                 results = [P.OpResult(r.id, ok=False, error=f"engine error: {e}")
                            for r in claimed]
         for r in results:
@@ -516,34 +554,88 @@ class ClockLoop:
             except Exception:
                 log.exception("releasing unrecoverable runs failed")
         now = time.time()
-        recovered: list[str] = []
+        restored: list[str] = []
         for rec in recs:
             run_id = rec.run.id
             if run_id in lost:
-                reason = ("the server restarted and this run's state could not be rebuilt ("
-                          f"{lost[run_id]}); resume it with create_training_client_from_state"
+                when = ("the server restarted and" if verb == "recovered"
+                        else "the run was unloaded while idle and")
+                reason = (f"{when} this run's state could not be rebuilt ({lost[run_id]}); "
+                          "resume it with create_training_client_from_state"
                           "(<a saved checkpoint>)")
                 failed = self.store.mark_run_lost(run_id, reason)
-                log.error("run %s lost after restart: %s (%d pending requests failed)", run_id,
+                log.error("run %s lost: %s (%d pending requests failed)", run_id,
                           lost[run_id], failed)
                 continue
-            recovered.append(run_id)
+            restored.append(run_id)
+            self._resident.add(run_id)
+            self._last_active[run_id] = time.monotonic()
             kinds = {k: sum(1 for q in rec.replay if q.kind == k)
                      for k in ("forward_backward", "optim_step", "load_weights")}
             if rec.replay:
                 u = self._unsaved.setdefault(run_id, _Unsaved(since=now))
                 u.steps += kinds["optim_step"]
                 u.force = u.force or kinds["load_weights"] > 0
-            log.info("recovered run %s: %s + replayed %d ops (fb=%d optim=%d load=%d) "
-                     "engine_ms=%.1f; %d requests queued again", run_id,
+            log.info("%s run %s: %s + replayed %d ops (fb=%d optim=%d load=%d) "
+                     "engine_ms=%.1f; %d requests queued again", verb, run_id,
                      f"snapshot@seq {rec.snapshot_seq}" if rec.snapshot_dir else "created",
                      len(rec.replay), kinds["forward_backward"], kinds["optim_step"],
                      kinds["load_weights"], stats.compute_ms_by_run.get(run_id, 0.0),
                      rec.requeued)
-        if recs:
-            log.info("recovery model=%s runs=%d lost=%d ms=%.1f", self.base_model,
-                     len(recovered), len(lost), (time.perf_counter() - t0) * 1000)
-        return recovered
+        return restored
+
+    def _restore_claimed(self, claimed: list[ClaimedRequest]) -> list[ClaimedRequest]:
+        """Rebuild the runs of these requests that are not in the engine (unloaded while
+        idle, or idle at a restart); returns the requests whose runs are usable (a run that
+        cannot be rebuilt is marked lost, which fails its requests)."""
+        creating = {r.run_id for r in claimed if r.kind == "create"}
+        absent = {r.run_id for r in claimed if r.run_id and r.run_id not in self._resident
+                  and r.run_id not in creating}
+        if not absent:
+            return claimed
+        recs = [rec for run in sorted(absent) if (rec := self.store.run_recovery(run))]
+        restored = set(self._restore(recs, "reloaded"))
+        gone = [r.id for r in claimed if r.run_id in absent and r.run_id not in restored]
+        if gone:  # lost runs: mark_run_lost failed these requests
+            self.notify(gone)
+        return [r for r in claimed if r.run_id not in absent or r.run_id in restored]
+
+    def unload_idle_runs(self) -> list[str]:
+        """Release the engine state of runs idle for `unload_idle_s` (their requests all
+        done, no gradients pending), after a snapshot if they changed since the last one.
+        Their next request rebuilds them from that snapshot (`_restore_claimed`)."""
+        if self.unload_idle_s <= 0 or self.state_dir is None:
+            return []
+        now = time.monotonic()
+        idle = [run for run in self._resident if run not in self._dirty
+                and now - self._last_active.get(run, now) >= self.unload_idle_s]
+        if not idle:
+            return []
+        busy = set(self.store.queued_counts(set(idle)))  # queued work behind a gap, say
+        idle = [run for run in idle if run not in busy]
+        due = {}
+        for run in idle:
+            if run in self._unsaved:
+                row = self.store.get_run(run)
+                if row is not None:
+                    due[run] = row.next_seq - 1  # everything claimed so far is done
+        if due:
+            self._write_snapshots(0, due)
+        unload = [run for run in idle if run not in self._unsaved]  # snapshot failed: keep
+        if not unload:
+            return []
+        res: P.CycleResult = self.executor.submit(P.CyclePlan(  # type: ignore[assignment]
+            0, self.base_model, [P.ReleaseAdapterOp(f"unload:{run}", run) for run in unload])
+        ).result()
+        for run in unload:
+            self._resident.discard(run)
+            self._last_active.pop(run, None)
+        for r in res.results:
+            if not r.ok:
+                log.warning("unloading %s: %s", r.request_id, r.error)
+        log.info("unloaded %d idle runs of %s (idle >= %.0f s): %s", len(unload),
+                 self.base_model, self.unload_idle_s, ", ".join(unload[:8]))
+        return unload
 
     def _wire_result(self, req: ClaimedRequest, engine_result: dict[str, Any]) -> dict[str, Any]:
         """Turn an engine result into the wire response, registering checkpoints."""

@@ -314,7 +314,8 @@ class Store:
 
     # ------------------------------------------------------------------ crash recovery
 
-    def prepare_recovery(self, base_model: str) -> list[RunRecovery]:
+    def prepare_recovery(self, base_model: str,
+                         active_since: float | None = None) -> list[RunRecovery]:
         """After a restart, before the clock starts: what each run of `base_model` must replay.
 
         In one transaction: requests that were RUNNING (claimed, results never recorded, so
@@ -322,7 +323,9 @@ class Store:
         run's `next_seq` is rewound to its first such request. Returns, per run not lost whose
         create completed, its snapshot (if any) and its COMPLETED state-changing requests
         (forward_backward, optim_step, load_weights) after the snapshot's seq, in seq order.
-        Failed requests stay failed and are not replayed.
+        Failed requests stay failed and are not replayed. With `active_since`, only runs with
+        queued requests or a request since then are returned; the others are restored when
+        work arrives for them (`run_recovery`).
         """
         with self.tx() as s:
             running = s.execute(select(RequestRow).where(
@@ -336,28 +339,46 @@ class Store:
                     rewind[req.run_id] = min(rewind.get(req.run_id, req.seq_id), req.seq_id)
             runs = s.execute(select(RunRow).where(RunRow.canonical_model == base_model)
                              .order_by(RunRow.id)).scalars().all()
+            pending = set(s.execute(select(RequestRow.run_id).distinct().where(
+                RequestRow.base_model == base_model, RequestRow.status == QUEUED)).scalars())
             out: list[RunRecovery] = []
             for run in runs:
                 if run.id in rewind:
                     run.next_seq = min(run.next_seq, rewind[run.id])
-                if run.lost_reason:
+                if (active_since is not None and run.id not in pending
+                        and run.last_request_time < active_since):
                     continue
-                create = s.execute(select(RequestRow.status).where(
-                    RequestRow.run_id == run.id, RequestRow.seq_id == 0)).scalar_one_or_none()
-                if create != COMPLETED:
-                    continue  # not created yet (queued again) or failed: nothing in memory
-                after = int(run.snapshot_seq or 0) if run.snapshot_dir else 0
-                rows = s.execute(select(RequestRow).where(
-                    RequestRow.run_id == run.id, RequestRow.seq_id > after,
-                    RequestRow.status == COMPLETED, RequestRow.kind.in_(REPLAYED_KINDS))
-                    .order_by(RequestRow.seq_id)).scalars().all()
-                out.append(RunRecovery(
-                    run=run, snapshot_dir=run.snapshot_dir if run.snapshot_dir else None,
-                    snapshot_seq=after,
-                    replay=[ClaimedRequest(r.id, r.run_id, r.seq_id, r.kind,
-                                           json.loads(r.payload)) for r in rows],
-                    requeued=sum(1 for r in running if r.run_id == run.id)))
+                rec = self._recovery_of(s, run, sum(1 for r in running if r.run_id == run.id))
+                if rec is not None:
+                    out.append(rec)
             return out
+
+    def run_recovery(self, run_id: str) -> RunRecovery | None:
+        """How to rebuild one run (as `prepare_recovery` does), e.g. after it was unloaded;
+        None if it is lost or was never created."""
+        with self.tx() as s:
+            run = s.get(RunRow, run_id)
+            return None if run is None else self._recovery_of(s, run, 0)
+
+    @staticmethod
+    def _recovery_of(s: Session, run: RunRow, requeued: int) -> RunRecovery | None:
+        if run.lost_reason:
+            return None
+        create = s.execute(select(RequestRow.status).where(
+            RequestRow.run_id == run.id, RequestRow.seq_id == 0)).scalar_one_or_none()
+        if create != COMPLETED:
+            return None  # not created yet (queued again) or failed: nothing in memory
+        after = int(run.snapshot_seq or 0) if run.snapshot_dir else 0
+        rows = s.execute(select(RequestRow).where(
+            RequestRow.run_id == run.id, RequestRow.seq_id > after,
+            RequestRow.status == COMPLETED, RequestRow.kind.in_(REPLAYED_KINDS))
+            .order_by(RequestRow.seq_id)).scalars().all()
+        return RunRecovery(
+            run=run, snapshot_dir=run.snapshot_dir if run.snapshot_dir else None,
+            snapshot_seq=after,
+            replay=[ClaimedRequest(r.id, r.run_id, r.seq_id, r.kind, json.loads(r.payload))
+                    for r in rows],
+            requeued=requeued)
 
     def set_snapshot(self, run_id: str, directory: str, seq: int) -> None:
         """Record a run's newest periodic snapshot (written before this is called)."""
