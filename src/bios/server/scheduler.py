@@ -29,6 +29,7 @@ from bios.server import plan as P
 from bios.server.store import (
     CheckpointRow,
     ClaimedRequest,
+    Outcome,
     RunRecovery,
     RunRow,
     RunWork,
@@ -359,7 +360,7 @@ class ClockLoop:
             result = P.CycleResult(cycle_id, [
                 P.OpResult(r.id, ok=False, error=f"engine error: {e}", category="server")
                 for r in claimed])
-        done: list[str] = []
+        outcomes: list[Outcome] = []
         for op in result.results:
             req = by_id.get(op.request_id)
             if req is None:
@@ -367,16 +368,17 @@ class ClockLoop:
             if op.ok:
                 if req.kind == "create" and req.run_id:
                     self._resident.add(req.run_id)
-                self.store.finish(req.id, result=self._wire_result(req, op.result or {}),
-                                  cycle_id=cycle_id)
+                outcomes.append(Outcome(req.id, result=self._wire_result(req, op.result or {})))
             else:
-                self.store.finish(req.id, error=op.error or "failed",
-                                  category=op.category, cycle_id=cycle_id)
-            done.append(req.id)
-        missing = [r.id for r in claimed if r.id not in set(done)]
-        for rid in missing:  # never leave a claimed request hanging
-            self.store.finish(rid, error="the engine returned no result for this request",
-                              category="server", cycle_id=cycle_id)
+                outcomes.append(Outcome(req.id, error=op.error or "failed",
+                                        category=op.category))
+        done = {o.request_id for o in outcomes}
+        outcomes += [Outcome(r.id, error="the engine returned no result for this request",
+                             category="server")
+                     for r in claimed if r.id not in done]  # never leave one hanging
+        self.store.finish_many(outcomes, cycle_id=cycle_id)  # one transaction
+        ended = time.time()  # requests after this are the clients' answers, not misses
+        self.notify([o.request_id for o in outcomes])  # clients first, bookkeeping after
         active = time.monotonic()
         for req in claimed:
             if req.run_id:
@@ -385,8 +387,7 @@ class ClockLoop:
         st = result.stats
         self.store.record_cycle(self.base_model, started, st.engine_ms, total_ms, st.runs,
                                 plan.num_ops, st.tokens, st.passes, cycle_id=cycle_id,
-                                run_work=run_work(plan, st))
-        self.notify(done + missing)
+                                run_work=run_work(plan, st), ended_at=ended)
         entry = CycleLog(cycle_id, self.base_model, st.runs, plan.num_ops, st.tokens, st.passes,
                          st.engine_ms, total_ms, dict(st.ops_by_kind), st.rss_mib,
                          st.heap_in_use_mib)

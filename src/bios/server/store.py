@@ -206,6 +206,16 @@ class RunRecovery:
     requeued: int  # its requests that were running at the crash and are queued again
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """A request's end: its wire result, or an error with its category."""
+
+    request_id: str
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    category: str | None = None
+
+
 def payload_digest(payload: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -591,15 +601,30 @@ class Store:
                 error=error, error_category=category, completed_at=time.time(),
                 cycle_id=cycle_id))
 
+    def finish_many(self, outcomes: list[Outcome], cycle_id: int | None = None) -> None:
+        """Record many requests' results in one transaction (a cycle's, say)."""
+        if not outcomes:
+            return
+        now = time.time()
+        with self.tx() as s:
+            for o in outcomes:
+                s.execute(update(RequestRow).where(RequestRow.id == o.request_id).values(
+                    status=COMPLETED if o.error is None else FAILED,
+                    result=json.dumps(o.result) if o.result is not None else None,
+                    error=o.error, error_category=o.category, completed_at=now,
+                    cycle_id=cycle_id))
+
     def record_cycle(self, base_model: str, started_at: float, engine_ms: float,
                      total_ms: float, runs: int, ops: int, tokens: int, passes: int,
                      *, cycle_id: int | None = None,
-                     run_work: dict[str, RunWork] | None = None) -> int:
+                     run_work: dict[str, RunWork] | None = None,
+                     ended_at: float | None = None) -> int:
         """Store a finished cycle (with `cycle_id`, the plan's id, else the next id).
 
         With `run_work` (run id -> its work in the cycle) also store each run's part, and a
         missed cycle for every other run of this base model with a request stored after
-        `started_at` (the claim cutoff) that is still queued now, at the cycle's end.
+        `started_at` (the claim cutoff) and before `ended_at` (default: now), the cycle's end,
+        that is still queued.
         """
         with self.tx() as s:
             row = CycleRow(base_model=base_model, started_at=started_at, engine_ms=engine_ms,
@@ -615,7 +640,7 @@ class Store:
                 late = s.execute(select(RequestRow.run_id).distinct().where(
                     RequestRow.base_model == base_model, RequestRow.status == QUEUED,
                     RequestRow.run_id.is_not(None), RequestRow.created_at > started_at,
-                    RequestRow.created_at <= time.time())).scalars().all()
+                    RequestRow.created_at <= (ended_at or time.time()))).scalars().all()
                 for run_id in sorted(set(late) - set(run_work)):
                     s.add(RunCycleRow(run_id=run_id, cycle_id=row.id, tokens=0, ops=0,
                                       compute_ms=0.0, missed=True))
