@@ -1,4 +1,5 @@
-"""AdamW against torch.optim.AdamW step for step, clipping, zero-gradient steps, state I/O."""
+"""AdamW against torch.optim.AdamW(fused=True) step for step, clipping, zero-gradient steps,
+state I/O."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ SCHEDULE = [
 def test_matches_torch_adamw_step_for_step():
     ours, theirs = make_params(), make_params()
     opt = AdamW(ours)
-    ref = torch.optim.AdamW(theirs, foreach=False)
+    ref = torch.optim.AdamW(theirs, fused=True)
     for step, raw in enumerate(SCHEDULE):
         hp = adam_params(raw)
         for p, q, g in zip(ours, theirs, grads_for(step), strict=True):
@@ -55,7 +56,7 @@ def test_grad_clipping_matches_clip_grad_norm_and_reports_the_unclipped_norm():
     ours, theirs = make_params(), make_params()
     opt = AdamW(ours)
     ref = torch.optim.AdamW(
-        theirs, lr=1e-2, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0, foreach=False
+        theirs, lr=1e-2, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0, fused=True
     )
     grads = grads_for(3)
     for p, q, g in zip(ours, theirs, grads, strict=True):
@@ -80,7 +81,7 @@ def test_step_without_gradients_acts_like_zero_gradients():
     ours, theirs = make_params(), make_params()
     opt = AdamW(ours)
     ref = torch.optim.AdamW(
-        theirs, lr=1e-2, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.1, foreach=False
+        theirs, lr=1e-2, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.1, fused=True
     )
     hp = adam_params({"learning_rate": 1e-2, "weight_decay": 0.1})
     for step in range(3):  # one real gradient, then two steps with nothing accumulated

@@ -1,7 +1,7 @@
 """Per-run AdamW: moments and step count for one adapter, hyperparameters given per step.
 
 Owns: reading Tinker's `AdamParams` from a plan's `OptimStepOp.adam` dict, the update rule
-(exactly `torch.optim.AdamW`'s single-tensor path, decoupled weight decay included), global
+(`torch.optim.AdamW(fused=True)`'s kernel, decoupled weight decay included), global
 gradient-norm clipping, and the state as named tensors for checkpoints. It does not own the
 parameters or their gradients: callers pass the adapter's parameters (fixed order) to each call.
 """
@@ -26,7 +26,7 @@ def global_grad_norm(grads: Sequence[Tensor]) -> Tensor:
     """L2 norm over all gradients, computed as `torch.nn.utils.clip_grad_norm_` does."""
     if not grads:
         return torch.zeros(())
-    norms = [torch.linalg.vector_norm(g) for g in grads]
+    norms = torch._foreach_norm(list(grads))  # one call for all tensors of the run
     return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
 
 
@@ -56,19 +56,14 @@ class AdamW:
         self.step_count += 1
         step = self.step_count
         lr, beta1, beta2 = hp.learning_rate, hp.beta1, hp.beta2
-        bias_correction1 = 1 - beta1**step
-        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-        step_size = lr / bias_correction1
-        # The single-tensor path of torch.optim.adam (decoupled_weight_decay=True), op for op.
-        for param, grad, exp_avg, exp_avg_sq in zip(
-            params, grads, self.exp_avg, self.exp_avg_sq, strict=True
-        ):
-            if hp.weight_decay != 0:
-                param.mul_(1 - lr * hp.weight_decay)
-            exp_avg.lerp_(grad, 1 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(hp.eps)
-            param.addcdiv_(exp_avg, denom, value=-step_size)
+        # torch.optim.AdamW(fused=True)'s kernel: one pass over each tensor's memory (the
+        # update is memory-bound: ~1 ms for a rank-32 run of the tiny model on CPU, against
+        # ~4 ms as foreach ops and ~8 ms as single-tensor ops).
+        params = list(params)
+        steps = [torch.tensor(float(step), device=params[0].device)] * len(params)
+        torch._fused_adamw_(params, grads, self.exp_avg, self.exp_avg_sq, [], steps,
+                            lr=lr, beta1=beta1, beta2=beta2, weight_decay=hp.weight_decay,
+                            eps=hp.eps, amsgrad=False, maximize=False)
         return {"grad_norm": float(grad_norm), "learning_rate": lr}
 
     # ------------------------------------------------------------------------- state
