@@ -1,8 +1,7 @@
 #!/usr/bin/env python
 """Multi-tenant batching: K runs training at once on one server vs the same K runs one by one.
 
-For K = 1, 2, 4, 8 and for three clock modes (continuous cycles; continuous without the
-gathering wait, `--gather-ms 0`, for comparison; and a fixed period), start K
+For K = 1, 2, 4, 8 and for two clock modes (continuous cycles, and a fixed period), start K
 training runs on one `bios serve` process (the tiny model) and let each take `--steps` small
 steps at once (one step = forward_backward of `--batch` sequences of `--seq-len` tokens plus
 optim_step, both submitted, then both awaited: online / RL-style training). The server batches
@@ -108,11 +107,10 @@ def serial(sc: bios.ServiceClient, k: int, steps: int, batch: int, seq_len: int,
 
 
 def server_mode(name: str, period: float, ks: list[int], steps: int, batch: int,
-                seq_len: int, extra_args: list[str]) -> list[dict[str, Any]]:
+                seq_len: int) -> list[dict[str, Any]]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bios-bench-mt-") as tmp:
-        server = ServerProcess(Path(tmp), [TINY], clock_period=period,
-                               extra_args=extra_args).start()
+        server = ServerProcess(Path(tmp), [TINY], clock_period=period).start()
         try:
             os.environ["BIOS_BASE_URL"] = server.base_url
             sc = bios.ServiceClient()
@@ -283,12 +281,8 @@ def main() -> None:
     if not args.skip_inprocess:
         result["inprocess"] = inprocess(args.batch, args.seq_len, args.reps, extra_runs=16)
     if not args.skip_server:
-        # continuous without the gathering wait too, to show what it buys (ClockLoop._gather)
-        for name, period, extra in (("continuous", 0.0, []),
-                                    ("continuous, no gather", 0.0, ["--gather-ms", "0"]),
-                                    ("fixed", args.period, [])):
-            result["server"] += server_mode(name, period, ks, steps, args.batch, args.seq_len,
-                                            extra)
+        for name, period in (("continuous", 0.0), ("fixed", args.period)):
+            result["server"] += server_mode(name, period, ks, steps, args.batch, args.seq_len)
     result["machine"]["uptime_end"] = subprocess.run(
         ["uptime"], capture_output=True, text=True).stdout.strip()
     result["wall_s"] = time.perf_counter() - t_start

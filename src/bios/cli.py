@@ -44,7 +44,6 @@ def _serve(args: argparse.Namespace) -> int:
             ("max_queued_total", args.max_queued_total),
             ("snapshot_steps", args.snapshot_steps),
             ("snapshot_seconds", args.snapshot_seconds),
-            ("gather_s", None if args.gather_ms is None else args.gather_ms / 1000.0),
             ("unload_idle_s", args.unload_idle_seconds))
             if v is not None},
     )
@@ -97,10 +96,6 @@ def main(argv: list[str] | None = None) -> int:
                        help="release the engine memory of runs idle this long (after a "
                             "snapshot; their next request reloads them); 0 = never "
                             "(default 900)")
-    serve.add_argument("--gather-ms", type=float, default=None, metavar="MS",
-                       help="continuous cycles: how long the next cycle may wait for the "
-                            "runs of a multi-run cycle to send their next step (default 200; "
-                            "0 = never wait)")
     serve.add_argument("--database-url", default=None,
                        help="SQLAlchemy URL (default: SQLite in the data dir); "
                             "postgresql+psycopg://... works too")

@@ -22,9 +22,6 @@ class ServerConfig:
     port: int = 8000
     models: list[str] = field(default_factory=lambda: [DEFAULT_MODEL])
     clock_period: float = 0.0
-    # Continuous mode: how long a cycle may wait for the runs of the last multi-run cycle to
-    # send their next step (keeps runs that wait on each result in shared passes); 0: never.
-    gather_s: float = 0.2
     database_url: str | None = None  # default: SQLite file in data_dir
     device: str | None = None  # None: CUDA when present, else CPU
     token_budget: int | None = None  # tokens per batched pass; None: engine default for device
@@ -54,8 +51,6 @@ class ServerConfig:
             raise ValueError("clock_period must be >= 0 (0 = continuous cycles)")
         if self.unload_idle_s < 0:
             raise ValueError("unload_idle_s must be >= 0 (0 = never unload)")
-        if self.gather_s < 0:
-            raise ValueError("gather_s must be >= 0 (0 = never wait)")
 
     @property
     def db_url(self) -> str:

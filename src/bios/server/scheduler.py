@@ -18,7 +18,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -40,11 +40,6 @@ from bios.server.store import (
 log = logging.getLogger("bios.scheduler")
 
 PASS_KINDS = ("forward", "forward_backward")
-TRAINING_KINDS = (*PASS_KINDS, "optim_step")  # what a training loop waits on, step by step
-# Continuous mode: a cycle starts once no submit has arrived for SETTLE_S (a client's
-# forward_backward and optim_step arrive a round trip apart), waiting at most SETTLE_MAX_S.
-SETTLE_S = 0.008
-SETTLE_MAX_S = 0.025
 
 
 class Executor(Protocol):
@@ -181,16 +176,12 @@ class ClockLoop:
     period > 0: a cycle starts every `period` seconds (a cycle that overruns makes the next
     start at once); requests stored after a cycle's start wait for the next cycle.
     period == 0: continuous; a cycle starts as soon as work is queued and the engine is free.
-    When a continuous cycle served several runs, the next one waits up to `gather_s` (and at
-    most half the last cycle's engine time) for those runs to send their next step, so runs
-    that wait on each result stay in step and share passes instead of drifting into cycles of
-    one run each; the wait ends as soon as each of them has a whole step queued.
     """
 
     def __init__(self, *, base_model: str, store: Store, executor: Executor, period: float,
                  notify: Callable[[list[str]], None], cycle_ids: Callable[[], int],
                  state_dir: str | Path | None = None, snapshot_steps: int = 50,
-                 snapshot_seconds: float = 120.0, gather_s: float = 0.2,
+                 snapshot_seconds: float = 120.0,
                  unload_idle_s: float = 0.0):
         self.base_model = base_model
         self.store = store
@@ -211,13 +202,6 @@ class ClockLoop:
         self.snapshot_steps = snapshot_steps
         self.snapshot_seconds = snapshot_seconds
         self._unsaved: dict[str, _Unsaved] = {}  # runs whose state changed since a snapshot
-        # Continuous mode: the runs of the last multi-run cycle, awaited until the deadline.
-        self.gather_s = gather_s
-        self._gather_runs: dict[str, int] = {}  # run -> requests of its step, awaited
-        self._step_sizes: dict[str, deque[int]] = {}  # run -> its training requests per cycle
-        self._step_seen: dict[str, int] = {}  # run -> the last cycle it trained in
-        self._gather_deadline = 0.0
-        self._last_submit = 0.0
         # Residency: runs whose state is in the engine. A run idle for unload_idle_s (> 0,
         # with snapshots on) is released after a snapshot and rebuilt on its next request.
         self.unload_idle_s = unload_idle_s
@@ -236,7 +220,6 @@ class ClockLoop:
 
     def wake(self) -> None:
         """Called after a submit: in continuous mode, start a cycle now if idle."""
-        self._last_submit = time.monotonic()
         self._wake.set()
 
     def _run(self) -> None:
@@ -248,8 +231,6 @@ class ClockLoop:
                 if self.period == 0 or now >= next_tick:
                     if self.period > 0:
                         next_tick = max(next_tick + self.period, now)
-                    elif self.gather_s > 0:
-                        self._gather()
                     trained = self.run_cycle() is not None
                 sampled = self.run_sampling_chunk()
             except Exception:  # a bug here must not kill the clock; requests fail visibly
@@ -264,53 +245,6 @@ class ClockLoop:
                 timeout = next_tick - time.monotonic() if self.period > 0 else 1.0
                 self._wake.wait(timeout=max(0.0, timeout))
                 self._wake.clear()
-
-    def _gather(self) -> None:
-        """Continuous mode, before a cycle: let a burst of submits finish (a client sends a
-        step's forward_backward and optim_step back to back: one cycle should take both),
-        and wait (bounded) for the runs of the last multi-run cycle to queue their next step.
-        """
-        waiting, self._gather_runs = self._gather_runs, {}
-        if self._sampling_active:  # decode chunks between cycles already give them time
-            return
-        now = time.monotonic()
-        deadline = self._gather_deadline if waiting else now + SETTLE_MAX_S
-        while not self._stop.is_set():
-            left = deadline - now
-            if left <= 0:
-                return
-            quiet = now - self._last_submit
-            if quiet < SETTLE_S:  # submits are still arriving
-                self._stop.wait(min(left, SETTLE_S - quiet))
-            elif not waiting or self._gathered(waiting):
-                return
-            else:
-                self._wake.clear()
-                self._wake.wait(timeout=left)
-            now = time.monotonic()
-
-    def _plan_gather(self, claimed: list[ClaimedRequest], cycle_id: int,
-                     engine_ms: float) -> None:
-        """After a continuous cycle: if it trained several runs, the next cycle waits for
-        each of them to queue a whole step. A run's step is the most training requests it
-        had in one of its last few cycles (forward_backward + optim_step is 2), so a step
-        once split across two cycles is not taken as the run's pattern."""
-        trained = Counter(r.run_id for r in claimed if r.run_id and r.kind in TRAINING_KINDS)
-        for run, n in trained.items():
-            self._step_sizes.setdefault(run, deque(maxlen=4)).append(n)
-            self._step_seen[run] = cycle_id
-        if len(self._step_seen) > 4096:  # forget runs that stopped training
-            for run in [r for r, c in self._step_seen.items() if c < cycle_id - 64]:
-                self._step_seen.pop(run)
-                self._step_sizes.pop(run, None)
-        if len(trained) > 1:
-            self._gather_runs = {run: max(self._step_sizes[run]) for run in trained}
-            self._gather_deadline = time.monotonic() + min(self.gather_s, engine_ms / 2000.0)
-
-    def _gathered(self, waiting: dict[str, int]) -> bool:
-        """Has every awaited run queued a whole step?"""
-        queued = self.store.queued_counts(set(waiting))
-        return all(queued.get(run, 0) >= n for run, n in waiting.items())
 
     def run_sampling_chunk(self) -> bool:
         """Admit queued sample requests and run a bounded chunk of decode steps.
@@ -393,8 +327,6 @@ class ClockLoop:
                          st.heap_in_use_mib)
         self.last_cycle = entry
         log.info(entry.line())
-        if self.period == 0 and self.gather_s > 0:
-            self._plan_gather(claimed, cycle_id, st.engine_ms)
         self._snapshot_due_runs(plan, result, claimed)
         return entry
 

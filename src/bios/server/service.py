@@ -124,7 +124,7 @@ class BiosService:
                               cycle_ids=self._next_cycle_id, state_dir=cfg.state_dir,
                               snapshot_steps=cfg.snapshot_steps,
                               snapshot_seconds=cfg.snapshot_seconds,
-                              gather_s=cfg.gather_s, unload_idle_s=cfg.unload_idle_s)
+                              unload_idle_s=cfg.unload_idle_s)
             limits = ModelLimits(int(hf["vocab_size"]), self.registry.context_length(canonical))
             self.models[canonical] = ServedModel(canonical, str(hf.get("model_type", "llama")),
                                                  limits, executor, clock)
