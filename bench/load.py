@@ -370,6 +370,11 @@ def summarize(ledger: Ledger, run_s: float) -> dict[str, Any]:
 CYCLE_MEMORY = re.compile(r"rss_mib=(\d+) heap_mib=(\d+)")
 
 
+def cycle_heap_mib(log_text: str) -> list[float]:
+    """malloc's heap in use at the end of each cycle, from the server's cycle log lines."""
+    return [float(m.group(2)) for m in CYCLE_MEMORY.finditer(log_text)]
+
+
 def thirds_growth(values: list[float]) -> tuple[float, float] | None:
     """(max of the middle third, max of the last third): the first third is warm-up (runs
     being created, the allocator's first large passes) and is left out."""
@@ -379,8 +384,14 @@ def thirds_growth(values: list[float]) -> tuple[float, float] | None:
     return max(values[third:2 * third]), max(values[-third:])
 
 
+def within_bound(thirds: tuple[float, float]) -> bool:
+    """The last third's max is within 10% (at least 64 MiB) of the middle third's."""
+    middle, last = thirds
+    return last - middle <= max(0.10 * middle, 64.0)
+
+
 def memory_summary(samples: list[tuple[float, float]], t0: float, t_end: float,
-                   log_text: str) -> dict[str, Any]:
+                   heap: list[float]) -> dict[str, Any]:
     """Memory over the loaded period (from the first training result to the end of the run).
 
     Two series: the server's RSS sampled every second (includes each cycle's transient peak of
@@ -389,7 +400,6 @@ def memory_summary(samples: list[tuple[float, float]], t0: float, t_end: float,
     last third is within 10% (at least 64 MiB) of the max over the middle third.
     """
     during = [v for t, v in samples if t0 <= t <= t_end]
-    heap = [float(m.group(2)) for m in CYCLE_MEMORY.finditer(log_text)]
     out: dict[str, Any] = {"samples": len(samples), "cycles_with_heap": len(heap)}
     rss_thirds, heap_thirds = thirds_growth(during), thirds_growth(heap)
     if rss_thirds is None:
@@ -397,15 +407,15 @@ def memory_summary(samples: list[tuple[float, float]], t0: float, t_end: float,
     out |= {"start_mib": during[0], "max_mib": max(v for _, v in samples),
             "final_mib": samples[-1][1], "rss_middle_third_max_mib": rss_thirds[0],
             "rss_last_third_max_mib": rss_thirds[1]}
-    ok = [rss_thirds[1] - rss_thirds[0] <= max(0.10 * rss_thirds[0], 64.0)]
+    ok = [within_bound(rss_thirds)]
     if heap_thirds is not None:
         out |= {"heap_first_cycle_mib": heap[0], "heap_middle_third_max_mib": heap_thirds[0],
                 "heap_last_third_max_mib": heap_thirds[1]}
-        ok.append(heap_thirds[1] - heap_thirds[0] <= max(0.10 * heap_thirds[0], 64.0))
+        ok.append(within_bound(heap_thirds))
     return out | {"bounded": all(ok)}
 
 
-def plot_memory(samples: list[tuple[float, float]], log_text: str, t0: float,
+def plot_memory(samples: list[tuple[float, float]], heap: list[float], t0: float,
                 path: Path) -> Path | None:
     """RSS over time and heap in use per cycle, to bench/results/load_memory.png."""
     try:
@@ -414,7 +424,6 @@ def plot_memory(samples: list[tuple[float, float]], log_text: str, t0: float,
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    heap = [float(m.group(2)) for m in CYCLE_MEMORY.finditer(log_text)]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
     ax1.plot([t - t0 for t, _ in samples], [v for _, v in samples], lw=1)
     ax1.set(title="server RSS (sampled every second)", xlabel="seconds since start",
@@ -505,9 +514,10 @@ def main() -> None:
     stuck = {k: v for k, v in stuck.items() if v}
     warm = [r.t_done for r in ledger.recs
             if r.kind == "forward_backward" and r.outcome == "completed" and r.t_done]
+    heap = cycle_heap_mib(log_text)
     mem = memory_summary(rss.samples, min(warm, default=timing["t0"]), timing["t0"] + run_s,
-                         log_text)
-    plot = plot_memory(rss.samples, log_text, t_start, args.out.with_name("load_memory.png"))
+                         heap)
+    plot = plot_memory(rss.samples, heap, t_start, args.out.with_name("load_memory.png"))
     n429 = sum(retries.rate_limited.values())
 
     print()

@@ -173,10 +173,9 @@ class CycleStats:
     tokens_by_run: dict[str, int] = field(default_factory=dict)
     compute_ms_by_run: dict[str, float] = field(default_factory=dict)
     # Host memory at the cycle's end (MiB; None where unknown): the process's resident size
-    # before freed memory was returned to the OS, malloc's heap in use, and whether it trimmed.
+    # before freed memory was returned to the OS, and malloc's heap in use.
     rss_mib: float | None = None
     heap_in_use_mib: float | None = None
-    trimmed: bool = False
 
 
 @dataclass(frozen=True)

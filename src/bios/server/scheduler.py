@@ -263,12 +263,10 @@ class ClockLoop:
             log.exception("sampler failed")
             res = P.SampleResult([P.OpResult(r.id, ok=False, error=f"sampler error: {e}")
                                   for r in claimed], active=0)
-        for op in res.finished:
-            if op.ok:
-                self.store.finish(op.request_id, result=op.result or {})
-            else:
-                self.store.finish(op.request_id, error=op.error or "failed",
-                                  category=op.category)
+        self.store.finish_many([  # one transaction for the chunk, as for a cycle
+            Outcome(op.request_id, result=op.result or {}) if op.ok
+            else Outcome(op.request_id, error=op.error or "failed", category=op.category)
+            for op in res.finished])
         self._sampling_active = res.active
         if res.finished:
             self.notify([op.request_id for op in res.finished])

@@ -594,12 +594,7 @@ class Store:
     def finish(self, request_id: str, *, result: dict[str, Any] | None = None,
                error: str | None = None, category: str | None = None,
                cycle_id: int | None = None) -> None:
-        with self.tx() as s:
-            s.execute(update(RequestRow).where(RequestRow.id == request_id).values(
-                status=COMPLETED if error is None else FAILED,
-                result=json.dumps(result) if result is not None else None,
-                error=error, error_category=category, completed_at=time.time(),
-                cycle_id=cycle_id))
+        self.finish_many([Outcome(request_id, result, error, category)], cycle_id=cycle_id)
 
     def finish_many(self, outcomes: list[Outcome], cycle_id: int | None = None) -> None:
         """Record many requests' results in one transaction (a cycle's, say)."""

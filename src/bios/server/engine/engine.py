@@ -290,8 +290,8 @@ class Engine:
                 compute_ms[step.run_id] += (time.perf_counter() - t0) * 1000.0
         engine_ms = (time.perf_counter() - start) * 1000.0
         mem = host_memory()  # before trimming: the cycle's own high-water mark shows
-        trimmed = (self.trim_free_mib is not None
-                   and release_free_memory(self.trim_free_mib))
+        if self.trim_free_mib is not None:
+            release_free_memory(self.trim_free_mib, mem.heap_free_mib)
         stats = CycleStats(
             runs=len(runs),
             tokens=counters.tokens,
@@ -302,7 +302,6 @@ class Engine:
             compute_ms_by_run=dict(compute_ms),
             rss_mib=mem.rss_mib,
             heap_in_use_mib=mem.heap_in_use_mib,
-            trimmed=trimmed,
         )
         log.debug(
             "cycle %d: %d runs, %d tokens, %d passes, %s, %.1f ms",
@@ -544,9 +543,9 @@ class Engine:
             # logprobs, so no pass-sized logits tensor is ever concatenated or added to.
             hidden = hidden[real.to(self.device)]  # [N, H], grouped by run
         lps = []
+        chunk = self.unembed_chunk
         for adapter, h_run, t_run in zip(adapters, hidden.split(tokens_per_run),
                                          targets.split(tokens_per_run), strict=True):
-            chunk = self.unembed_chunk
             for h, t in zip(h_run.split(chunk), t_run.split(chunk), strict=True):
                 with autocast:
                     logits = self.model.unembed(h, lora=LoRABatch.build([adapter], [len(t)], 1))

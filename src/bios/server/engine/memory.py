@@ -46,14 +46,13 @@ _LIBC = _load_libc()
 class HostMemory:
     """Resident size of the process and, with glibc, malloc's heap in use and free (MiB).
 
-    heap_* cover the main and thread arenas; memory that malloc mapped directly (large blocks)
-    is counted in `mmapped_mib` and is returned to the OS as soon as it is freed.
+    heap_* cover the main and thread arenas; blocks that malloc mapped directly (large ones)
+    are not in them: those go back to the OS as soon as they are freed.
     """
 
     rss_mib: float | None
     heap_in_use_mib: float | None
     heap_free_mib: float | None
-    mmapped_mib: float | None
 
 
 def resident_mib() -> float | None:
@@ -70,20 +69,23 @@ def host_memory() -> HostMemory:
     """Read the process's memory now (cheap: one /proc read and one mallinfo2 call)."""
     rss = resident_mib()
     if _LIBC is None:
-        return HostMemory(rss, None, None, None)
+        return HostMemory(rss, None, None)
     info = _LIBC.mallinfo2()
-    return HostMemory(rss, info.uordblks / _MIB, info.fordblks / _MIB, info.hblkhd / _MIB)
+    return HostMemory(rss, info.uordblks / _MIB, info.fordblks / _MIB)
 
 
-def release_free_memory(min_free_mib: float) -> bool:
+def release_free_memory(min_free_mib: float, heap_free_mib: float | None = None) -> bool:
     """Return malloc's free heap pages to the OS when more than `min_free_mib` MiB are free.
 
-    Returns whether a trim ran. The check costs one mallinfo2 call; a trim walks the heap and
-    costs a few milliseconds per GiB, so the threshold keeps it off small cycles.
+    `heap_free_mib`: a reading just taken (`host_memory().heap_free_mib`), else one mallinfo2
+    call reads it. Returns whether a trim ran; a trim walks the heap and costs a few
+    milliseconds per GiB, so the threshold keeps it off small cycles.
     """
     if _LIBC is None:
         return False
-    if _LIBC.mallinfo2().fordblks / _MIB < min_free_mib:
+    if heap_free_mib is None:
+        heap_free_mib = _LIBC.mallinfo2().fordblks / _MIB
+    if heap_free_mib < min_free_mib:
         return False
     _LIBC.malloc_trim(0)
     return True
