@@ -225,3 +225,41 @@ def test_owner_of_fails_closed_without_the_middleware() -> None:
     with pytest.raises(APIError) as e:
         owner_of(req)
     assert e.value.status == 401
+
+
+def test_guard_checks_the_key_before_the_body() -> None:
+    """An over-size body gets 413 only once the key is good: a client without one gets 401
+    and cannot make the server read (or buffer) its body."""
+    client, _ = client_for([("alice", H1)])
+    too_big = str(ServerConfig().max_body_bytes + 1)
+    with client:
+        r = client.post("/api/v1/create_session", content=b"{}",
+                        headers={"Content-Length": too_big})
+        assert r.status_code == 401 and r.json()["code"] == "unauthorized"
+        r = client.post("/api/v1/create_session", content=b"{}",
+                        headers={"Content-Length": too_big, "X-API-Key": "key-one"})
+        assert r.status_code == 413 and r.json()["code"] == "too_large"
+        assert too_big in r.json()["detail"]
+
+
+def test_long_poll_wakes_with_the_body_it_is_handed() -> None:
+    """The clock hands a finished request's body to its waiting long-polls, from its own
+    thread; a waiter it has no body for is woken with None (and reads the store)."""
+    import asyncio
+    import threading
+
+    from bios.server.app import Waiters
+
+    async def scenario() -> tuple[str | None, str | None, bool]:
+        waiters = Waiters()
+        waiters.loop = asyncio.get_running_loop()
+        a, b, other = waiters.register("req-a"), waiters.register("req-b"), waiters.register("x")
+        t = threading.Thread(target=waiters.notify_threadsafe,
+                             args=({"req-a": '{"loss": 1.5}', "req-b": None},))
+        t.start()
+        await asyncio.wait_for(asyncio.gather(a.wait(), b.wait()), timeout=5)
+        t.join()
+        return a.body, b.body, other.is_set()
+
+    body_a, body_b, other_set = asyncio.run(scenario())
+    assert body_a == '{"loss": 1.5}' and body_b is None and not other_set

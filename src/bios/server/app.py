@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
-import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from typing import Any
@@ -22,45 +21,51 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 
 from bios import types as T
-from bios.server.auth import KeyRing, presented_key
+from bios.server.auth import KeyRing
 from bios.server.config import ServerConfig
+from bios.server.http_guard import RequestGuard, error_response
 from bios.server.service import BiosService
 from bios.server.validation import APIError
 
 log = logging.getLogger("bios.server")
-LOCAL_OWNER = "local"
-# Signed archive downloads carry their credential in the URL (see archives.py); exactly one
-# path segment of token characters is let through without an API key.
-ARCHIVE_DOWNLOAD_RE = re.compile(r"^/api/v1/archives/[A-Za-z0-9_.-]+$")
+
+
+class Waiter(asyncio.Event):
+    """A long-poll's wake-up; `body` carries the finished response when the notifier had it."""
+
+    body: str | None = None
 
 
 class Waiters:
-    """request id -> events of the long-polls waiting for it; set from any thread."""
+    """request id -> the long-polls waiting for it; woken from any thread."""
 
     def __init__(self) -> None:
-        self._events: dict[str, set[asyncio.Event]] = {}
+        self._events: dict[str, set[Waiter]] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
 
-    def register(self, request_id: str) -> asyncio.Event:
-        ev = asyncio.Event()
+    def register(self, request_id: str) -> Waiter:
+        ev = Waiter()
         self._events.setdefault(request_id, set()).add(ev)
         return ev
 
-    def unregister(self, request_id: str, ev: asyncio.Event) -> None:
+    def unregister(self, request_id: str, ev: Waiter) -> None:
         evs = self._events.get(request_id)
         if evs is not None:
             evs.discard(ev)
             if not evs:
                 del self._events[request_id]
 
-    def _set(self, ids: list[str]) -> None:
-        for rid in ids:
+    def _set(self, finished: dict[str, str | None]) -> None:
+        for rid, body in finished.items():
             for ev in self._events.get(rid, ()):
+                ev.body = body
                 ev.set()
 
-    def notify_threadsafe(self, ids: list[str]) -> None:
+    def notify_threadsafe(self, finished: dict[str, str | None]) -> None:
+        """Wake the long-polls of these finished requests (id -> response body, or None to
+        have them read it from the store)."""
         if self.loop is not None and not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(self._set, list(ids))
+            self.loop.call_soon_threadsafe(self._set, dict(finished))
 
 
 def owner_of(request: Request) -> str:
@@ -73,14 +78,6 @@ def owner_of(request: Request) -> str:
     if not owner:
         raise APIError(401, "this request is not authenticated", None, "unauthorized")
     return str(owner)
-
-
-def _error(status: int, detail: str, field: str | None = None, code: str | None = None,
-           headers: dict[str, str] | None = None,
-           extra: dict[str, Any] | None = None) -> JSONResponse:
-    body = T.ErrorResponse(detail=detail, field=field, code=code).model_dump(exclude_none=True)
-    body.update(extra or {})
-    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def create_app(config: ServerConfig, service: BiosService | None = None) -> FastAPI:
@@ -102,6 +99,8 @@ def create_app(config: ServerConfig, service: BiosService | None = None) -> Fast
             await run_in_threadpool(svc.stop)
 
     app = FastAPI(title="Bios", version="0.1.0", lifespan=lifespan)
+    keyring = KeyRing(tuple((str(t), str(h)) for t, h in config.api_keys))
+    app.add_middleware(RequestGuard, keyring=keyring, max_body_bytes=config.max_body_bytes)
     app.state.service = svc
 
     @app.exception_handler(APIError)
@@ -109,7 +108,7 @@ def create_app(config: ServerConfig, service: BiosService | None = None) -> Fast
         headers = {"Retry-After": "1"} if e.status == 429 else None
         if e.status == 401:
             headers = {"WWW-Authenticate": "Bearer"}
-        return _error(e.status, e.detail, e.field, e.code, headers, e.extra)
+        return error_response(e.status, e.detail, e.field, e.code, headers, e.extra)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
@@ -119,7 +118,7 @@ def create_app(config: ServerConfig, service: BiosService | None = None) -> Fast
         msg = first.get("msg", "invalid request")
         err = APIError(400, f"{field}: {msg}" if field else msg, field, "invalid_request")
         await _fill_rejected_slot(request, err)
-        return _error(err.status, err.detail, err.field, err.code)
+        return error_response(err.status, err.detail, err.field, err.code)
 
     async def _fill_rejected_slot(request: Request, err: APIError) -> None:
         """A body that fails schema validation but names its run and seq_id still takes its
@@ -138,47 +137,6 @@ def create_app(config: ServerConfig, service: BiosService | None = None) -> Fast
             except APIError:
                 return
             await run_in_threadpool(svc.reject, owner, run_id, seq_id, kind, err)
-
-    @app.middleware("http")
-    async def _limit_body(request: Request, call_next: Callable[..., Any]) -> Any:
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > config.max_body_bytes:
-            return _error(413, f"request body of {size} bytes exceeds the limit of "
-                          f"{config.max_body_bytes}; send smaller batches", None, "too_large")
-        if size is None and "transfer-encoding" in request.headers:
-            # A chunked body has no length up front: read it here, but only up to the limit.
-            chunks, total = [], 0
-            async for chunk in request.stream():
-                total += len(chunk)
-                if total > config.max_body_bytes:
-                    return _error(413, f"request body exceeds the limit of "
-                                  f"{config.max_body_bytes} bytes; send smaller batches", None,
-                                  "too_large")
-                chunks.append(chunk)
-            request._body = b"".join(chunks)  # replayed to the route by Starlette
-        return await call_next(request)
-
-    keyring = KeyRing(tuple((str(t), str(h)) for t, h in config.api_keys))
-    open_paths = {"/api/v1/healthz"}
-
-    @app.middleware("http")
-    async def _authenticate(request: Request, call_next: Callable[..., Any]) -> Any:
-        """Every route but healthz and signed archive downloads needs a key when keys are
-        configured; sets the owner."""
-        if not keyring.enabled:
-            request.state.owner = LOCAL_OWNER
-        elif (request.url.path not in open_paths
-              and not ARCHIVE_DOWNLOAD_RE.fullmatch(request.url.path)):
-            key = presented_key(request.headers)
-            tenant = keyring.tenant_for(key)
-            if tenant is None:
-                why = ("no API key was sent" if key is None else "the API key is not valid")
-                return _error(401, f"{why}: this server requires an API key in the X-API-Key "
-                              "header (or Authorization: Bearer). Set BIOS_API_KEY or pass "
-                              "api_key= to ServiceClient.", None, "unauthorized",
-                              {"WWW-Authenticate": "Bearer"})
-            request.state.owner = tenant
-        return await call_next(request)
 
     def submit(kind: str, fn: Callable[[str, Any], Any]) -> Callable[[Request, Any], Any]:
         """Wrap a submit call so a rejected request still fills its seq slot."""
@@ -274,12 +232,9 @@ def create_app(config: ServerConfig, service: BiosService | None = None) -> Fast
         deadline = loop.time() + config.long_poll_seconds
         ev = waiters.register(body.request_id)  # before the first read: no lost wake-up
         try:
-            while True:
-                state = await run_in_threadpool(svc.future_state, owner, body.request_id)
-                if isinstance(state, str):
-                    return Response(state, media_type="application/json")
-                if state is not None:
-                    return JSONResponse(state)
+            # The first read also checks that the request is this owner's (404 if not).
+            state = await run_in_threadpool(svc.future_state, owner, body.request_id)
+            while state is None:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     return JSONResponse(T.TryAgainResponse(
@@ -287,6 +242,10 @@ def create_app(config: ServerConfig, service: BiosService | None = None) -> Fast
                 with suppress(TimeoutError):
                     await asyncio.wait_for(ev.wait(), timeout=remaining)
                 ev.clear()
+                # The clock hands over the body it just stored; read it back only if not.
+                state = ev.body if ev.body is not None else await run_in_threadpool(
+                    svc.future_state, owner, body.request_id)
+            return Response(state, media_type="application/json")
         finally:
             waiters.unregister(body.request_id, ev)
 

@@ -179,7 +179,7 @@ class ClockLoop:
     """
 
     def __init__(self, *, base_model: str, store: Store, executor: Executor, period: float,
-                 notify: Callable[[list[str]], None], cycle_ids: Callable[[], int],
+                 notify: Callable[[dict[str, str | None]], None], cycle_ids: Callable[[], int],
                  state_dir: str | Path | None = None, snapshot_steps: int = 50,
                  snapshot_seconds: float = 120.0,
                  unload_idle_s: float = 0.0):
@@ -263,13 +263,13 @@ class ClockLoop:
             log.exception("sampler failed")
             res = P.SampleResult([P.OpResult(r.id, ok=False, error=f"sampler error: {e}")
                                   for r in claimed], active=0)
-        self.store.finish_many([  # one transaction for the chunk, as for a cycle
+        bodies = self.store.finish_many([  # one transaction for the chunk, as for a cycle
             Outcome(op.request_id, result=op.result or {}) if op.ok
             else Outcome(op.request_id, error=op.error or "failed", category=op.category)
             for op in res.finished])
         self._sampling_active = res.active
-        if res.finished:
-            self.notify([op.request_id for op in res.finished])
+        if bodies:
+            self.notify(bodies)
         return True
 
     def run_cycle(self) -> CycleLog | None:
@@ -308,9 +308,9 @@ class ClockLoop:
         outcomes += [Outcome(r.id, error="the engine returned no result for this request",
                              category="server")
                      for r in claimed if r.id not in done]  # never leave one hanging
-        self.store.finish_many(outcomes, cycle_id=cycle_id)  # one transaction
+        bodies = self.store.finish_many(outcomes, cycle_id=cycle_id)  # one transaction
         ended = time.time()  # requests after this are the clients' answers, not misses
-        self.notify([o.request_id for o in outcomes])  # clients first, bookkeeping after
+        self.notify(bodies)  # clients first, bookkeeping after
         active = time.monotonic()
         for req in claimed:
             if req.run_id:
@@ -528,7 +528,7 @@ class ClockLoop:
         restored = set(self._restore(recs, "reloaded"))
         gone = [r.id for r in claimed if r.run_id in absent and r.run_id not in restored]
         if gone:  # lost runs: mark_run_lost failed these requests
-            self.notify(gone)
+            self.notify(dict.fromkeys(gone))
         return [r for r in claimed if r.run_id not in absent or r.run_id in restored]
 
     def unload_idle_runs(self) -> list[str]:

@@ -38,6 +38,7 @@ from bios.server.store import (
     SamplerRow,
     SeqConflictError,
     Store,
+    failure_body,
 )
 from bios.server.validation import (
     APIError,
@@ -364,15 +365,15 @@ class BiosService:
 
     # ------------------------------------------------------------------ futures
 
-    def future_state(self, owner: str, request_id: str) -> dict[str, Any] | str | None:
-        """The finished response of a request, or None while it is pending."""
+    def future_state(self, owner: str, request_id: str) -> str | None:
+        """The finished response of a request (JSON text), or None while it is pending."""
         row = self.db.get_request(request_id)
         if row is None or row.owner != owner:
             raise APIError(404, f"request {request_id!r} not found", "request_id")
         if row.status == COMPLETED:
             return row.result or "{}"
         if row.status == FAILED:
-            return {"error": row.error, "category": row.error_category or "server"}
+            return failure_body(row.error, row.error_category)
         return None
 
     # ------------------------------------------------------------------ runs, checkpoints

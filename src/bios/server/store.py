@@ -216,6 +216,11 @@ class Outcome:
     category: str | None = None
 
 
+def failure_body(error: str | None, category: str | None) -> str:
+    """The JSON body `retrieve_future` answers for a failed request."""
+    return json.dumps({"error": error, "category": category or "server"})
+
+
 def payload_digest(payload: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -242,7 +247,10 @@ class Store:
     """All durable state. Thread-safe: each method opens its own short transaction."""
 
     def __init__(self, url: str):
-        kwargs: dict[str, Any] = {}
+        # Up to 40 request threads (FastAPI's pool) and the clocks use the store at once:
+        # SQLAlchemy's default pool (5 + 10 overflow) made them queue for a connection, and
+        # opened and closed overflow connections (with their PRAGMAs) on every burst.
+        kwargs: dict[str, Any] = {"pool_size": 16, "max_overflow": 32}
         if url.startswith("sqlite"):
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
         self.engine = create_engine(url, **kwargs)
@@ -596,18 +604,27 @@ class Store:
                cycle_id: int | None = None) -> None:
         self.finish_many([Outcome(request_id, result, error, category)], cycle_id=cycle_id)
 
-    def finish_many(self, outcomes: list[Outcome], cycle_id: int | None = None) -> None:
-        """Record many requests' results in one transaction (a cycle's, say)."""
+    def finish_many(self, outcomes: list[Outcome], cycle_id: int | None = None
+                    ) -> dict[str, str]:
+        """Record many requests' results in one transaction (a cycle's, say).
+
+        Returns each request's `retrieve_future` body (its result's JSON, or `failure_body`),
+        so that the long-polls waiting for them need not read them back.
+        """
         if not outcomes:
-            return
+            return {}
         now = time.time()
+        bodies: dict[str, str] = {}
         with self.tx() as s:
             for o in outcomes:
+                text = json.dumps(o.result) if o.result is not None else None
+                bodies[o.request_id] = (text or "{}") if o.error is None else failure_body(
+                    o.error, o.category)
                 s.execute(update(RequestRow).where(RequestRow.id == o.request_id).values(
-                    status=COMPLETED if o.error is None else FAILED,
-                    result=json.dumps(o.result) if o.result is not None else None,
+                    status=COMPLETED if o.error is None else FAILED, result=text,
                     error=o.error, error_category=o.category, completed_at=now,
                     cycle_id=cycle_id))
+        return bodies
 
     def record_cycle(self, base_model: str, started_at: float, engine_ms: float,
                      total_ms: float, runs: int, ops: int, tokens: int, passes: int,
