@@ -34,7 +34,7 @@ from bios.server.engine.losses import (
     resolve_loss_config,
     target_logprobs,
 )
-from bios.server.engine.memory import host_memory, release_free_memory
+from bios.server.engine.memory import HeapWatch
 from bios.server.engine.model import ModelConfig, Transformer, load_transformer
 from bios.server.engine.optimizer import AdamW, adam_params
 from bios.server.engine.sampler import Sampler
@@ -190,7 +190,7 @@ class Engine:
         self.device = torch.device(device)
         self.autocast_dtype = autocast_dtype
         self.token_budget = token_budget
-        self.trim_free_mib = trim_free_mib  # None: never return freed heap to the OS
+        self.heap = HeapWatch(trim_free_mib)  # None: never return freed heap to the OS
         self.unembed_chunk = CPU_UNEMBED_CHUNK if self.device.type == "cpu" else GPU_UNEMBED_CHUNK
         self.tokenizer_path: Path | None = None  # for the sampler's stop strings
         self._sampler: Sampler | None = None
@@ -256,8 +256,7 @@ class Engine:
         chunk of sampling (admit requests, then decode steps)."""
         if isinstance(plan, SamplePlan):
             result = self.sampler.execute(plan)
-            if self.trim_free_mib is not None:
-                release_free_memory(self.trim_free_mib)
+            self.heap.after_work()
             return result
         return self._execute_cycle(plan)
 
@@ -289,9 +288,7 @@ class Engine:
                 runs.add(step.run_id)
                 compute_ms[step.run_id] += (time.perf_counter() - t0) * 1000.0
         engine_ms = (time.perf_counter() - start) * 1000.0
-        mem = host_memory()  # before trimming: the cycle's own high-water mark shows
-        if self.trim_free_mib is not None:
-            release_free_memory(self.trim_free_mib, mem.heap_free_mib)
+        mem = self.heap.after_work()
         stats = CycleStats(
             runs=len(runs),
             tokens=counters.tokens,
