@@ -250,7 +250,7 @@ class Store:
         # Up to 40 request threads (FastAPI's pool) and the clocks use the store at once:
         # SQLAlchemy's default pool (5 + 10 overflow) made them queue for a connection, and
         # opened and closed overflow connections (with their PRAGMAs) on every burst.
-        kwargs: dict[str, Any] = {"pool_size": 16, "max_overflow": 32}
+        kwargs: dict[str, Any] = {"pool_size": 32, "max_overflow": 16}
         if url.startswith("sqlite"):
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
         self.engine = create_engine(url, **kwargs)
