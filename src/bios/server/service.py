@@ -38,7 +38,7 @@ from bios.server.store import (
     SamplerRow,
     SeqConflictError,
     Store,
-    failure_body,
+    response_body,
 )
 from bios.server.validation import (
     APIError,
@@ -370,10 +370,9 @@ class BiosService:
         row = self.db.get_request(request_id)
         if row is None or row.owner != owner:
             raise APIError(404, f"request {request_id!r} not found", "request_id")
-        if row.status == COMPLETED:
-            return row.result or "{}"
-        if row.status == FAILED:
-            return failure_body(row.error, row.error_category)
+        if row.status in (COMPLETED, FAILED):
+            return response_body(row.status == COMPLETED, row.result, row.error,
+                                 row.error_category)
         return None
 
     # ------------------------------------------------------------------ runs, checkpoints

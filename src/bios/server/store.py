@@ -216,8 +216,12 @@ class Outcome:
     category: str | None = None
 
 
-def failure_body(error: str | None, category: str | None) -> str:
-    """The JSON body `retrieve_future` answers for a failed request."""
+def response_body(completed: bool, result: str | None, error: str | None,
+                  category: str | None) -> str:
+    """The JSON body `retrieve_future` answers for a finished request: its stored result
+    (`{}` when it has none), or its error and category."""
+    if completed:
+        return result or "{}"
     return json.dumps({"error": error, "category": category or "server"})
 
 
@@ -608,8 +612,8 @@ class Store:
                     ) -> dict[str, str]:
         """Record many requests' results in one transaction (a cycle's, say).
 
-        Returns each request's `retrieve_future` body (its result's JSON, or `failure_body`),
-        so that the long-polls waiting for them need not read them back.
+        Returns each request's `retrieve_future` body (`response_body`), so that the
+        long-polls waiting for them need not read them back.
         """
         if not outcomes:
             return {}
@@ -618,8 +622,7 @@ class Store:
         with self.tx() as s:
             for o in outcomes:
                 text = json.dumps(o.result) if o.result is not None else None
-                bodies[o.request_id] = (text or "{}") if o.error is None else failure_body(
-                    o.error, o.category)
+                bodies[o.request_id] = response_body(o.error is None, text, o.error, o.category)
                 s.execute(update(RequestRow).where(RequestRow.id == o.request_id).values(
                     status=COMPLETED if o.error is None else FAILED, result=text,
                     error=o.error, error_category=o.category, completed_at=now,

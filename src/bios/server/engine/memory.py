@@ -72,7 +72,8 @@ def resident_mib() -> float | None:
 
 
 def host_memory() -> HostMemory:
-    """Read the process's memory now (cheap: one /proc read and one mallinfo2 call)."""
+    """Read the process's memory now: one /proc read and one mallinfo2 call (which walks the
+    heap; see the module docstring)."""
     rss = resident_mib()
     if _LIBC is None:
         return HostMemory(rss, None, None)
@@ -80,17 +81,15 @@ def host_memory() -> HostMemory:
     return HostMemory(rss, info.uordblks / _MIB, info.fordblks / _MIB)
 
 
-def release_free_memory(min_free_mib: float, heap_free_mib: float | None = None) -> bool:
-    """Return malloc's free heap pages to the OS when more than `min_free_mib` MiB are free.
+def release_free_memory(min_free_mib: float, heap_free_mib: float | None) -> bool:
+    """Return malloc's free heap pages to the OS when a reading just taken
+    (`host_memory().heap_free_mib`) shows more than `min_free_mib` MiB free.
 
-    `heap_free_mib`: a reading just taken (`host_memory().heap_free_mib`), else one mallinfo2
-    call reads it. Returns whether a trim ran; a trim walks the heap and costs a few
-    milliseconds per GiB, so the threshold keeps it off small cycles.
+    Returns whether a trim ran; a trim walks the heap and costs a few milliseconds per GiB,
+    so the threshold keeps it off small cycles.
     """
-    if _LIBC is None:
+    if _LIBC is None or heap_free_mib is None:
         return False
-    if heap_free_mib is None:
-        heap_free_mib = _LIBC.mallinfo2().fordblks / _MIB
     if heap_free_mib < min_free_mib:
         return False
     _LIBC.malloc_trim(0)
