@@ -256,12 +256,8 @@ def mixing_worker(batch: int, seq_len: int, reps: int) -> dict[str, Any]:
 
     engine, _ = tiny_engine()
     rng = random.Random(0)
-
-    def run(steps: list[P.Step]) -> P.CycleResult:
-        return run_plan(engine, steps)
-
     for i in range(8):
-        run([P.CreateAdapterOp(f"c{i}", f"r{i}", P.AdapterSpec(rank=RANK, seed=i))])
+        run_plan(engine, [P.CreateAdapterOp(f"c{i}", f"r{i}", P.AdapterSpec(rank=RANK, seed=i))])
     data = [random_rows(rng, batch, seq_len) for _ in range(8)]
     plans = {
         "mixed": [P.PassGroup([P.ForwardBackwardOp(f"m{i}", f"r{i}", data[i], "cross_entropy",
@@ -275,7 +271,7 @@ def mixing_worker(batch: int, seq_len: int, reps: int) -> dict[str, Any]:
             for state in engine.runs.values():
                 state.zero_grad()
             t0 = time.perf_counter()
-            res = run(plans[name])
+            res = run_plan(engine, plans[name])
             if rep >= 2:
                 times[name].append(time.perf_counter() - t0)
             assert res.stats.passes == 1
@@ -290,7 +286,7 @@ def mixing_worker(batch: int, seq_len: int, reps: int) -> dict[str, Any]:
 
 def mixing(batch: int, seq_len: int, reps: int, procs: int) -> dict[str, Any]:
     """`mixing_worker` in `procs` fresh processes, one after another. On our shared 2-core VMs
-    the cost measured in one process swung between about -4% and +17% from process to process
+    the cost measured in one process swung between about -4% and +19% from process to process
     (where the allocator and the kernel put its memory; the pass is memory-bound in the
     unembedding), far more than between pairs within a process; the median over processes is
     the figure, and every process's figure is kept."""

@@ -6,6 +6,9 @@ import pytest
 
 from bios.server.engine.memory import HeapWatch, host_memory
 
+pytestmark = pytest.mark.skipif(host_memory().heap_in_use_mib is None,
+                                reason="no glibc mallinfo2 here")
+
 
 def _grow_heap() -> list[bytearray]:
     # Many 64 KiB blocks: below glibc's mmap threshold, so they live in the heap.
@@ -13,8 +16,6 @@ def _grow_heap() -> list[bytearray]:
 
 
 def test_heap_figures_are_reused_within_the_interval() -> None:
-    if host_memory().heap_in_use_mib is None:
-        pytest.skip("no glibc mallinfo2 here")
     watch = HeapWatch(trim_free_mib=None, interval_s=3600)
     first = watch.after_work()
     held = _grow_heap()
@@ -27,8 +28,6 @@ def test_heap_figures_are_reused_within_the_interval() -> None:
 
 
 def test_heap_is_read_again_once_the_interval_has_passed() -> None:
-    if host_memory().heap_in_use_mib is None:
-        pytest.skip("no glibc mallinfo2 here")
     watch = HeapWatch(trim_free_mib=None, interval_s=0.0)
     first = watch.after_work()
     held = _grow_heap()
@@ -39,8 +38,6 @@ def test_heap_is_read_again_once_the_interval_has_passed() -> None:
 
 
 def test_a_due_reading_trims_free_heap() -> None:
-    if host_memory().heap_in_use_mib is None:
-        pytest.skip("no glibc mallinfo2 here")
     held = _grow_heap()
     del held[::2]  # 32 MiB of free chunks between live ones: free() cannot return them
     before = host_memory()
