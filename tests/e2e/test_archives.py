@@ -25,7 +25,7 @@ from bios.exceptions import NotFoundError
 from bios.rest_client import parse_checkpoint_path
 from bios.server.archives import SECRET_FILE, ArchiveClaims, ArchiveSigner
 from bios.server.service import run_dir_name
-from peft_check import LOGPROB_ATOL, TINY_DIR, peft_logprobs
+from peft_check import PEFT_ATOL, TINY_DIR, peft_logprobs
 from server_process import KEY_A, KEY_B, ServerProcess
 
 TINY = "bios/tiny-llama"
@@ -141,7 +141,7 @@ def test_downloaded_adapters_equal_the_server_files_and_load_in_peft(
     served = alice["tc"].forward(BATCH, "cross_entropy").result(timeout=120)
     ours = served.loss_fn_outputs[0]["logprobs"].to_numpy()
     for adapter_dir in (sampler_dir, state_dir):
-        np.testing.assert_allclose(peft_logprobs(adapter_dir, TOKENS), ours, atol=LOGPROB_ATOL)
+        np.testing.assert_allclose(peft_logprobs(adapter_dir, TOKENS), ours, atol=PEFT_ATOL)
     # ... with exactly the weights in the archive, which are not a zero adapter.
     hf = transformers.AutoModelForCausalLM.from_pretrained(TINY_DIR, dtype=torch.float32)
     model = peft.PeftModel.from_pretrained(hf, str(sampler_dir))

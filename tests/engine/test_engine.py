@@ -3,6 +3,7 @@ batching vs alone, token-budget splits, gradient accumulation, run and failure i
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import Future
 
 import pytest
@@ -346,6 +347,33 @@ def test_executor_runs_plans_on_its_worker_thread(small):
         executor.shutdown()
     with pytest.raises(RuntimeError):
         executor.submit(CyclePlan(2, BASE, []))
+
+
+def test_executor_tells_the_engine_once_per_lull(small, monkeypatch):
+    engine = make_engine(small)
+    lulls: list[float] = []
+    monkeypatch.setattr(engine, "idle", lambda: lulls.append(time.monotonic()) or False)
+    executor = InProcessExecutor(engine, idle_s=0.05)
+    try:
+        time.sleep(0.2)
+        assert lulls == []  # nothing ran yet: nothing to clean up after
+        done = executor.submit(CyclePlan(0, BASE, [create("a", 4, 1)])).result(timeout=60)
+        finished = time.monotonic()
+        time.sleep(0.3)
+        assert len(lulls) == 1 and lulls[0] - finished >= 0.04  # once, after the lull
+        assert done.results[0].ok
+        executor.submit(CyclePlan(1, BASE, [PassGroup(run_ops("a"))])).result(timeout=60)
+        time.sleep(0.3)
+        assert len(lulls) == 2
+    finally:
+        executor.shutdown()
+
+
+def test_executor_shutdown_runs_the_queued_plans(small):
+    executor = InProcessExecutor(make_engine(small))
+    futures = [executor.submit(CyclePlan(i, BASE, [create(f"r{i}", 4, i)])) for i in range(3)]
+    executor.shutdown(wait=True)
+    assert all(f.done() and f.result().results[0].ok for f in futures)
 
 
 def test_from_model_dir_picks_hardware_defaults(tiny_model_dir):

@@ -1,10 +1,11 @@
-"""HeapWatch: malloc's heap is walked at most once per interval; RSS is read every time."""
+"""HeapWatch: malloc's heap is walked at most once per interval after work, RSS is read every
+time, big blocks come from the heap, and free heap goes back to the OS only when idle."""
 
 from __future__ import annotations
 
 import pytest
 
-from bios.server.engine.memory import HeapWatch, host_memory
+from bios.server.engine.memory import MMAP_THRESHOLD_MIB, HeapWatch, host_memory
 
 pytestmark = pytest.mark.skipif(host_memory().heap_in_use_mib is None,
                                 reason="no glibc mallinfo2 here")
@@ -37,13 +38,40 @@ def test_heap_is_read_again_once_the_interval_has_passed() -> None:
     del held
 
 
-def test_a_due_reading_trims_free_heap() -> None:
+def _fragment_heap() -> tuple[list[bytearray], float]:
     held = _grow_heap()
     del held[::2]  # 32 MiB of free chunks between live ones: free() cannot return them
-    before = host_memory()
-    assert before.heap_free_mib is not None and before.heap_free_mib > 24
-    HeapWatch(trim_free_mib=16, interval_s=0.0).after_work()
-    after = host_memory()
-    assert after.rss_mib is not None and before.rss_mib is not None
-    assert after.rss_mib < before.rss_mib - 16  # malloc_trim gave their pages back
+    rss = host_memory().rss_mib
+    assert rss is not None
+    return held, rss
+
+
+def test_work_never_trims_but_idle_does() -> None:
+    watch = HeapWatch(trim_free_mib=16, interval_s=0.0)
+    held, before = _fragment_heap()
+    reading = watch.after_work()  # due, and over the threshold: still no trim while busy
+    assert reading.heap_free_mib is not None and reading.heap_free_mib > 24
+    assert reading.rss_mib is not None and reading.rss_mib > before - 8
+    assert watch.when_idle()
+    after = host_memory().rss_mib
+    assert after is not None and after < before - 16  # malloc_trim gave their pages back
     del held
+
+
+def test_idle_without_a_threshold_keeps_the_heap() -> None:
+    held, before = _fragment_heap()
+    assert not HeapWatch(trim_free_mib=None).when_idle()
+    after = host_memory().rss_mib
+    assert after is not None and after > before - 8
+    del held
+
+
+def test_blocks_below_the_threshold_come_from_the_heap() -> None:
+    """Pass-sized tensors are reused from malloc's heap, not mapped fresh each time."""
+    HeapWatch(trim_free_mib=None)
+    before = host_memory().heap_in_use_mib
+    block = bytearray((MMAP_THRESHOLD_MIB - 8) * 1024 * 1024)
+    after = host_memory().heap_in_use_mib
+    assert before is not None and after is not None
+    assert after > before + MMAP_THRESHOLD_MIB - 9  # counted in the heap: not an mmap
+    del block

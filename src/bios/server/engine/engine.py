@@ -58,7 +58,8 @@ from bios.server.plan import (
 
 log = logging.getLogger(__name__)
 
-# Past this much free malloc heap after a cycle, give it back to the OS (engine/memory.py).
+# Past this much free malloc heap when the engine falls idle, give it back to the OS
+# (engine/memory.py).
 TRIM_FREE_MIB = 128.0
 # Tokens unembedded at a time. On CPU a [chunk, vocab] block of logits and its fp32
 # log-softmax should stay cache-sized: with a 49k vocabulary, 64-128-token chunks ran a 512-token
@@ -234,6 +235,12 @@ class Engine:
 
     def has_run(self, run_id: str) -> bool:
         return run_id in self.runs
+
+    def idle(self) -> bool:
+        """No work is waiting: a good time to return free host memory to the OS (a few ms).
+        Returns whether any was returned. Executors call this after a lull, not between busy
+        cycles, where the next pass would only fault the pages back in."""
+        return self.heap.when_idle()
 
     # ------------------------------------------------------------------------- cycle
 

@@ -92,21 +92,51 @@ def loss_token_count(loss_fn: str, inputs: LossInputs) -> int:
 # ----------------------------------------------------------------------------- logprobs
 
 
-def target_logprobs(logits: Tensor, targets: Tensor, chunk_rows: int = 1024) -> Tensor:
+def target_logprobs(logits: Tensor, targets: Tensor, block_rows: int | None = None) -> Tensor:
     """log softmax(logits)[target] in fp32: logits `[N, V]` (any float dtype), targets `[N]`.
 
-    Works in chunks of rows so the fp32 copy of the logits exists one chunk at a time (under
-    autograd the chunks are kept for backward anyway).
+    Differentiable with respect to `logits`; the gradient comes back in the logits' dtype.
+    `block_rows` rows are upcast to fp32 at a time (default: about 1 MiB of them on CPU, 1024
+    rows on GPU).
     """
-    out = []
-    for start in range(0, logits.shape[0], chunk_rows):
-        # log_softmax then gather, not `picked - logsumexp`: one fused kernel each way on CPU;
-        # logsumexp's forward + backward ran ~2x slower (bench/overhead.py, 49k vocabulary)
-        chunk = torch.log_softmax(logits[start : start + chunk_rows].float(), dim=-1)  # [n, V]
-        out.append(chunk.gather(-1, targets[start : start + chunk_rows, None]).squeeze(-1))
-    if not out:
-        return logits.new_zeros(0, dtype=torch.float32)
-    return torch.cat(out)
+    if block_rows is None:
+        block_rows = 1024 if logits.device.type == "cuda" else max(1, 2**18 // logits.shape[-1])
+    return _TargetLogprobs.apply(logits, targets, block_rows)
+
+
+class _TargetLogprobs(torch.autograd.Function):
+    """`log_softmax(x)[t]` per row, with a hand-written backward.
+
+    Autograd's version (`log_softmax(x.float()).gather(t)`) keeps an fp32 copy of every logit,
+    fills and scatters an [N, V] zero gradient for the gather, and casts the fp32 gradient back:
+    on a CPU with a 49k vocabulary that was over half of the unembedding's time. Here forward
+    keeps nothing but the logits, and backward writes `g * (onehot(t) - softmax(x))` straight
+    into a gradient of the logits' dtype, a few cache-sized fp32 rows at a time. (softmax, not
+    `exp(x - logsumexp)`: ATen's pointwise exp takes a slow path below -87, where real logits
+    often reach, and its softmax kernel does not.)
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor, block_rows: int) -> Tensor:
+        ctx.save_for_backward(logits, targets)
+        ctx.block_rows = block_rows
+        out = logits.new_empty(logits.shape[0], dtype=torch.float32)
+        for s in range(0, logits.shape[0], block_rows):
+            x = torch.log_softmax(logits[s : s + block_rows].float(), dim=-1)
+            out[s : s + block_rows] = x.gather(-1, targets[s : s + block_rows, None]).squeeze(-1)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_lp: Tensor) -> tuple[Tensor, None, None]:
+        logits, targets = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        rows = torch.arange(min(ctx.block_rows, logits.shape[0]), device=logits.device)
+        for s in range(0, logits.shape[0], ctx.block_rows):
+            g = grad_lp[s : s + ctx.block_rows].float()
+            p = torch.softmax(logits[s : s + ctx.block_rows].float(), dim=-1).mul_(-g[:, None])
+            p[rows[: len(g)], targets[s : s + ctx.block_rows]] += g
+            grad[s : s + ctx.block_rows] = p
+        return grad, None, None
 
 
 # ----------------------------------------------------------------------------- losses
