@@ -174,6 +174,25 @@ def test_token_budget_splits_give_the_same_result(small):
             assert_close_all(other_grads[name], gradients[0][name])
 
 
+def test_unembedding_chunks_give_the_same_result(small):
+    """Chunks spanning runs (one of which has no unembedding LoRA), chunks cutting a run's
+    tokens, one token per chunk: the same logprobs, losses and gradients."""
+    engine = make_engine(small)
+    warm_up(engine, "abc")
+    outputs, gradients = [], []
+    for chunk in (256, 7, 1):
+        engine.unembed_chunk = chunk
+        results, _ = execute(engine, PassGroup(run_ops("abc")))
+        outputs.append(results)
+        gradients.append({n: grads(engine, n) for n in "abc"})
+        for n in "abc":
+            engine.runs[n].zero_grad()
+    for other, other_grads in zip(outputs[1:], gradients[1:], strict=True):
+        for name in "abc":
+            assert_same_output(other[f"fb-{name}"].result, outputs[0][f"fb-{name}"].result)
+            assert_close_all(other_grads[name], gradients[0][name])
+
+
 def test_output_format_and_loss_mean(small):
     engine = make_engine(small)
     data = [datum(6, 1), DatumRows([], {"target_tokens": []}), datum(4, 2)]

@@ -189,3 +189,31 @@ def test_apply_routing_edges(tiny_fp32):
         batch.apply("layers.0.mlp.up_proj", torch.randn(3, 4, cfg.hidden_size))
     with pytest.raises(ValueError, match="at least one row"):
         LoRABatch.build(no_unembed, [0], seq_len=4)
+
+
+def test_cast_b_is_reused_until_b_changes(tiny_fp32):
+    """The unembedding's bf16 B is kept between passes, and never outlives an optimizer step
+    or a load (both update B in place) or a replaced tensor."""
+    from bios.server.engine.optimizer import AdamW, adam_params
+
+    _, cfg = tiny_fp32
+    adapter = nonzero_b(Adapter.init(cfg, AdapterSpec(rank=4, seed=0), "cpu"), seed=1)
+    first = adapter.cast_b("lm_head", torch.bfloat16)
+    assert adapter.cast_b("lm_head", torch.bfloat16) is first
+    B = adapter.weights["lm_head"][1]
+    torch.testing.assert_close(first, B.detach().bfloat16())
+
+    for p in adapter.parameters():
+        p.grad = torch.ones_like(p)
+    AdamW(adapter.parameters()).step(adapter.parameters(), adam_params({"learning_rate": 0.1}))
+    stepped = adapter.cast_b("lm_head", torch.bfloat16)
+    assert not torch.equal(stepped, first)
+    torch.testing.assert_close(stepped, B.detach().bfloat16())
+
+    adapter.load_peft_state_dict(nonzero_b(Adapter.init(cfg, AdapterSpec(rank=4, seed=0), "cpu"),
+                                           seed=2).to_peft_state_dict())
+    torch.testing.assert_close(adapter.cast_b("lm_head", torch.bfloat16), B.detach().bfloat16())
+
+    A = adapter.weights["lm_head"][0]
+    adapter.weights["lm_head"] = (A, torch.zeros_like(B, requires_grad=True))
+    assert not adapter.cast_b("lm_head", torch.bfloat16).any()

@@ -61,10 +61,11 @@ log = logging.getLogger(__name__)
 # Past this much free malloc heap when the engine falls idle, give it back to the OS
 # (engine/memory.py).
 TRIM_FREE_MIB = 128.0
-# Tokens unembedded at a time. On CPU a [chunk, vocab] block of logits and its fp32
-# log-softmax should stay cache-sized: with a 49k vocabulary, 64-128-token chunks ran a 512-token
-# pass ~17% faster than one block (2-core EPYC); a GPU wants large blocks.
-CPU_UNEMBED_CHUNK = 128
+# Tokens unembedded at a time (a chunk may span runs). On CPU the [chunk, vocab] logits should
+# stay near cache size: a 512-token pass of one run on the tiny model (49k vocabulary, 2-core
+# EPYC) took 164, 139, 128 and 137 ms with 64, 128, 256 and 512-token chunks. A GPU wants
+# large blocks.
+CPU_UNEMBED_CHUNK = 256
 GPU_UNEMBED_CHUNK = 4096
 CPU_TOKEN_BUDGET = 2048  # environment.md: CPU throughput peaks at 512-2048 tokens per pass
 GPU_TOKEN_BUDGET = 16384
@@ -543,17 +544,17 @@ class Engine:
             lora = LoRABatch.build(adapters, rows_per_run, seq_len)
             hidden = self.model(ids.to(self.device), lora=lora)  # [B, T, H]
             # Unembed real tokens only (padding would cost most of the FLOPs on a big
-            # vocabulary), one run's tokens at a time: each run's logits go straight into its
-            # logprobs, so no pass-sized logits tensor is ever concatenated or added to.
+            # vocabulary), a chunk of tokens at a time, whichever runs they belong to: each
+            # chunk's logits go straight into its logprobs, so no pass-sized logits tensor is
+            # ever made, and small runs still share one large matmul.
             hidden = hidden[real.to(self.device)]  # [N, H], grouped by run
         lps = []
-        chunk = self.unembed_chunk
-        for adapter, h_run, t_run in zip(adapters, hidden.split(tokens_per_run),
-                                         targets.split(tokens_per_run), strict=True):
-            for h, t in zip(h_run.split(chunk), t_run.split(chunk), strict=True):
-                with autocast:
-                    logits = self.model.unembed(h, lora=LoRABatch.build([adapter], [len(t)], 1))
-                lps.append(target_logprobs(logits, t))  # [n] fp32
+        for start, pieces in _chunk_pieces(tokens_per_run, self.unembed_chunk):
+            n = sum(count for _, count in pieces)
+            lora = LoRABatch.build([adapters[i] for i, _ in pieces], [c for _, c in pieces], 1)
+            with autocast:
+                logits = self.model.unembed(hidden[start : start + n], lora=lora)
+            lps.append(target_logprobs(logits, targets[start : start + n]))  # [n] fp32
         return torch.cat(lps)
 
 
@@ -563,6 +564,22 @@ def _check_token_ids(where: str, ids: Tensor, vocab_size: int) -> None:
         raise UserError(
             f"{where} has token id {int(bad[0])} outside the vocabulary [0, {vocab_size})"
         )
+
+
+def _chunk_pieces(counts: list[int], chunk: int) -> Iterator[tuple[int, list[tuple[int, int]]]]:
+    """Cut consecutive groups (`counts[i]` items of group i) into chunks of at most `chunk`
+    items. Yields each chunk's first item and its pieces as (group, items), in order."""
+    start, pieces, size = 0, [], 0
+    for group, count in enumerate(counts):
+        while count:
+            take = min(count, chunk - size)
+            pieces.append((group, take))
+            size, count = size + take, count - take
+            if size == chunk:
+                yield start, pieces
+                start, pieces, size = start + chunk, [], 0
+    if pieces:
+        yield start, pieces
 
 
 def _consecutive_by_work(rows: list[_Row]) -> Iterator[tuple[_OpWork, list[_Row]]]:

@@ -11,7 +11,7 @@ Nothing here knows about optimizers, losses or checkpoints on disk.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +60,24 @@ class Adapter:
 
     spec: AdapterSpec
     weights: dict[str, tuple[Tensor, Tensor]]
+    # (key, dtype) -> (B's version counter when cast, detached cast of B); see cast_b
+    _casts: dict[tuple[str, torch.dtype], tuple[int, Tensor]] = field(
+        default_factory=dict, init=False, repr=False)
+
+    def cast_b(self, key: str, dtype: torch.dtype) -> Tensor:
+        """A detached `dtype` copy of B for `key`, reused until B changes.
+
+        In-place updates (the optimizer step, a checkpoint load) advance a tensor's version
+        counter, which invalidates the copy; so does replacing the tensor. The unembedding's B
+        (r x vocab) is the one worth keeping: casting it was a full pass over it per pass.
+        """
+        B = self.weights[key][1]
+        cached = self._casts.get((key, dtype))
+        if cached is not None and cached[0] == B._version and cached[1].shape == B.shape:
+            return cached[1]
+        cast = B.detach().to(dtype)
+        self._casts[(key, dtype)] = (B._version, cast)
+        return cast
 
     @property
     def scaling(self) -> float:
@@ -184,6 +202,9 @@ class LoRABatch:
             raise ValueError("all adapters of a pass must be on one device")
         return cls(list(adapters), list(rows_per_adapter), seq_len)
 
+    def _out_features(self, key: str) -> int:
+        return next(a.weights[key][1].shape[1] for a in self.adapters if key in a.weights)
+
     def _stack(self, key: str) -> tuple[Tensor, Tensor]:
         """(A (K, in, rmax), B (K, rmax, out)), zero-padded ranks and zero missing targets."""
         if key not in self._stacks:
@@ -203,21 +224,31 @@ class LoRABatch:
             self._stacks[key] = (torch.stack(As), torch.stack(Bs))
         return self._stacks[key]
 
-    loop_keys: frozenset[str] | None = frozenset({"lm_head"})
+    # Targets whose deltas are added row segment by row segment, in place (`add_to`): their
+    # weights are large next to a pass's rows (the unembedding's B is r x vocab), so stacking K
+    # copies of them (and their casts and gradients) costs more than K small matmuls, and a
+    # delta-sized temporary costs a pass over [rows, vocab] memory.
+    loop_keys: frozenset[str] = frozenset({"lm_head"})
 
-    def _apply_loop(self, key: str, x: Tensor) -> Tensor:
-        """One pair of matmuls per adapter over its rows: for targets whose weights are large
-        next to the pass's rows (the unembedding's B is r x vocab), stacking K copies of the
-        weights (and their casts and gradients) costs more than K small launches."""
-        out = []
-        for a, xk in zip(self.adapters, x.split(self.rows), strict=True):
+    def add_to(self, key: str, x: Tensor, y: Tensor) -> Tensor:
+        """`y + delta(key, x)`, where y (rows, ..., out) is the frozen projection of x; y itself
+        may be updated in place and returned. Returns y if no adapter targets key."""
+        if key not in self.targets:
+            return y
+        if key not in self.loop_keys:
+            return y + self.apply(key, x)  # type: ignore[operator]  (key is targeted)
+        if x.shape[0] != self.num_rows:
+            raise ValueError(f"pass has {x.shape[0]} rows, LoRABatch routes {self.num_rows}")
+        bounds, operands = [], []
+        start = 0
+        for a, n in zip(self.adapters, self.rows, strict=True):
             if key in a.weights:
                 A, B = a.weights[key]
-                out.append(((as_input(xk, A) @ A) * a.scaling) @ B)
-            else:
-                ref = next(b.weights[key][1] for b in self.adapters if key in b.weights)
-                out.append(xk.new_zeros(*xk.shape[:-1], ref.shape[1]))
-        return torch.cat(out)
+                u = (as_input(x[start : start + n], A) @ A) * a.scaling  # (n, ..., r)
+                bounds.append((start, start + n))
+                operands += [u, B, a.cast_b(key, y.dtype)]
+            start += n
+        return _AddRowDeltas.apply(y, tuple(bounds), *operands)
 
     def apply(self, key: str, x: Tensor) -> Tensor | None:
         """x (B, ..., in) -> scaled LoRA delta (B, ..., out), or None if no adapter targets key."""
@@ -230,8 +261,8 @@ class LoRABatch:
             A, B = adapter.weights[key]
             return ((as_input(x, A) @ A) * adapter.scaling) @ B
 
-        if self.loop_keys is not None and key in self.loop_keys:
-            return self._apply_loop(key, x)
+        if key in self.loop_keys:
+            return self.add_to(key, x, x.new_zeros(*x.shape[:-1], self._out_features(key)))
         A, B = self._stack(key)
         K, n_rows = len(self.adapters), x.shape[0]
         xr = as_input(x, A).reshape(n_rows, -1, x.shape[-1])  # (rows, N, in)
@@ -246,3 +277,39 @@ class LoRABatch:
         if not self.equal_rows:
             y = y.reshape(-1, N, y.shape[-1])[self._real_rows]  # (rows, N, out)
         return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+class _AddRowDeltas(torch.autograd.Function):
+    """`y[a:b] += u @ B` in place for each row segment (a, b), in y's dtype.
+
+    Operands come in threes per segment: u (rows, ..., r), the fp32 leaf B (r, out) that
+    receives the gradient, and B already cast to y's dtype (`Adapter.cast_b`). Each delta goes
+    straight into y's rows with one `addmm_`, and backward hands y's gradient through
+    untouched: no delta-sized temporary, no concatenation, no extra add.
+    """
+
+    @staticmethod
+    def forward(ctx, y: Tensor, bounds: tuple[tuple[int, int], ...], *operands: Tensor) -> Tensor:
+        saved = []
+        for (a, b), u, B_cast in zip(bounds, operands[0::3], operands[2::3], strict=True):
+            u_ = u.to(y.dtype)
+            y[a:b].view(-1, y.shape[-1]).addmm_(u_.reshape(-1, u_.shape[-1]), B_cast)
+            saved += [u_, B_cast]
+        ctx.mark_dirty(y)
+        ctx.save_for_backward(*saved)
+        ctx.bounds = bounds
+        ctx.dtypes = [(u.dtype, B.dtype) for u, B in zip(operands[0::3], operands[1::3],
+                                                          strict=True)]
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        saved = ctx.saved_tensors
+        grads: list[Tensor | None] = []
+        for (a, b), u_, B_cast, (u_dtype, B_dtype) in zip(
+                ctx.bounds, saved[0::2], saved[1::2], ctx.dtypes, strict=True):
+            g = grad[a:b].reshape(-1, grad.shape[-1])
+            grad_u = (g @ B_cast.t()).view(u_.shape).to(u_dtype)
+            grad_B = (u_.reshape(-1, u_.shape[-1]).t() @ g).to(B_dtype)
+            grads += [grad_u, grad_B, None]
+        return (grad, None, *grads)

@@ -3,8 +3,9 @@
 Owns the architecture (Llama, Mistral, Qwen2, Qwen3), loading their safetensors weights, rotary
 embeddings and a minimal per-row KV cache for sampling. It knows nothing about runs, losses,
 tokenizers or HTTP. LoRA enters only through the `lora` argument: every LoRA-able linear calls
-`lora.apply(key, x)` explicitly, with keys "layers.{i}.self_attn.{q,k,v,o}_proj",
-"layers.{i}.mlp.{gate,up,down}_proj" and "lm_head".
+`lora.apply(key, x)` (the unembedding `lora.add_to(key, x, logits)`, which may add in place)
+explicitly, with keys "layers.{i}.self_attn.{q,k,v,o}_proj", "layers.{i}.mlp.{gate,up,down}_proj"
+and "lm_head".
 
 Dtypes: the frozen base weights live in `base_dtype` (bf16 by default). The residual stream,
 norms and rotary embeddings run in fp32; linears cast their input to the weight dtype, so run
@@ -337,8 +338,7 @@ class Transformer(nn.Module):
         """hidden (B, ..., hidden) -> logits (B, ..., vocab). Rows must match the LoRABatch."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(hidden.to(weight.dtype), weight)
-        delta = lora.apply("lm_head", hidden) if lora is not None else None
-        return logits if delta is None else logits + delta
+        return logits if lora is None else lora.add_to("lm_head", hidden, logits)
 
 
 # ----------------------------------------------------------------------------- loading

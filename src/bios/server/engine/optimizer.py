@@ -64,6 +64,10 @@ class AdamW:
         torch._fused_adamw_(params, grads, self.exp_avg, self.exp_avg_sq, [], steps,
                             lr=lr, beta1=beta1, beta2=beta2, weight_decay=hp.weight_decay,
                             eps=hp.eps, amsgrad=False, maximize=False)
+        # The fused kernel writes the parameters without advancing their version counters;
+        # advance them, as any in-place op would, so that what was derived from the old values
+        # knows it is stale (Adapter.cast_b, autograd's saved-tensor checks).
+        torch.autograd.graph.increment_version(params)
         return {"grad_norm": float(grad_norm), "learning_rate": lr}
 
     # ------------------------------------------------------------------------- state

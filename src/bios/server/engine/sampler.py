@@ -88,7 +88,7 @@ class RowLoRA:
     `LoRABatch` wants each adapter's rows contiguous, but decode rows stay where they were
     seated so that leaving is cheap. `apply` gathers the adapter rows into grouped order, runs
     the LoRABatch and scatters the deltas back; base rows get an exact zero delta. It has
-    LoRABatch's `apply(key, x)` interface, which is all the Transformer calls.
+    LoRABatch's `apply(key, x)` and `add_to(key, x, y)`, which are all the Transformer calls.
     """
 
     def __init__(self, adapters: Sequence[Adapter | None], seq_len: int):
@@ -118,6 +118,13 @@ class RowLoRA:
             return None
         out = delta.new_zeros((self.num_rows, *delta.shape[1:]))
         return out.index_copy_(0, self.order, delta)
+
+    def add_to(self, key: str, x: Tensor, y: Tensor) -> Tensor:
+        """`y + apply(key, x)`, in place into y where the rows are grouped already."""
+        if self.in_place:
+            return self.batch.add_to(key, x, y)
+        delta = self.apply(key, x)
+        return y if delta is None else y + delta
 
 
 # ----------------------------------------------------------------------------- KV cache
