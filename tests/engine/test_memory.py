@@ -46,15 +46,25 @@ def _fragment_heap() -> tuple[list[bytearray], float]:
     return held, rss
 
 
-def test_work_never_trims_but_idle_does() -> None:
-    watch = HeapWatch(trim_free_mib=16, interval_s=0.0)
+def test_work_does_not_trim_within_the_busy_interval_but_idle_does() -> None:
+    watch = HeapWatch(trim_free_mib=16, interval_s=0.0, busy_trim_s=3600)
     held, before = _fragment_heap()
-    reading = watch.after_work()  # due, and over the threshold: still no trim while busy
+    reading = watch.after_work()  # read, and over the threshold: still no trim while busy
     assert reading.heap_free_mib is not None and reading.heap_free_mib > 24
     assert reading.rss_mib is not None and reading.rss_mib > before - 8
     assert watch.when_idle()
     after = host_memory().rss_mib
     assert after is not None and after < before - 16  # malloc_trim gave their pages back
+    del held
+
+
+def test_sustained_work_trims_once_the_busy_interval_has_passed() -> None:
+    watch = HeapWatch(trim_free_mib=16, interval_s=0.0, busy_trim_s=0.0)
+    held, before = _fragment_heap()
+    reading = watch.after_work()  # the reading is taken before the trim
+    assert reading.heap_free_mib is not None and reading.heap_free_mib > 24
+    after = host_memory().rss_mib
+    assert after is not None and after < before - 16
     del held
 
 

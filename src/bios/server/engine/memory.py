@@ -11,8 +11,10 @@ malloc defaults work against that pattern, in opposite directions:
 - Kept free, tensors of many sizes fragment the heap, and the process's resident size creeps
   up to a high-water mark far above what it uses (seen as slow RSS growth under load). So when
   the engine falls idle, `HeapWatch.when_idle` asks malloc how much heap is free and, past a
-  threshold, calls `malloc_trim(0)` to return those pages. Trimming between busy cycles instead
-  made the next pass fault them back in (72-85k minor faults).
+  threshold, calls `malloc_trim(0)` to return those pages. Under sustained load it also trims,
+  but at most every 10 s: a trim makes the next pass fault the pages back in (72-85k minor
+  faults, when it ran every second), and without any, a server that never idled grew ~100 MiB
+  a minute.
 
 On platforms without glibc the stats read as unknown and these calls do nothing.
 
@@ -125,31 +127,40 @@ def release_free_memory(min_free_mib: float, heap_free_mib: float | None) -> boo
 
 class HeapWatch:
     """The engine's memory: a reading after each piece of work, with malloc's figures refreshed
-    at most every `interval_s` seconds, and a trim when the engine falls idle.
+    at most every `interval_s` seconds; a trim when the engine falls idle, and under sustained
+    load at most every `busy_trim_s` seconds.
 
     Creating one calls `keep_heap_while_busy` (once is enough; it is process-wide).
 
     Args:
-        trim_free_mib: on `when_idle`, trim when malloc holds more free heap than this (MiB);
-            None never trims.
+        trim_free_mib: trim when malloc holds more free heap than this (MiB); None never trims.
         interval_s: the least time between two `mallinfo2` walks of the heap after work.
+        busy_trim_s: the least time between two trims while work keeps coming. Each such trim
+            makes the next pass fault its memory back in, so it is rare; without it a server
+            that never idles grew by ~100 MiB a minute (bench/load.py).
     """
 
-    def __init__(self, trim_free_mib: float | None, interval_s: float = 1.0) -> None:
+    def __init__(self, trim_free_mib: float | None, interval_s: float = 1.0,
+                 busy_trim_s: float = 10.0) -> None:
         self.trim_free_mib = trim_free_mib
         self.interval_s = interval_s
+        self.busy_trim_s = busy_trim_s
         self._last = HostMemory(None, None, None)
         self._read_at = float("-inf")
+        self._trimmed_at = time.monotonic()
         keep_heap_while_busy()
 
     def after_work(self) -> HostMemory:
-        """RSS now; heap in use and free as of the latest walk, taken now when due."""
+        """RSS now; heap in use and free as of the latest walk, taken now when due (before
+        any trim, so a cycle's own high-water mark shows)."""
         now = time.monotonic()
         if now - self._read_at < self.interval_s:
             return HostMemory(resident_mib(), self._last.heap_in_use_mib,
                               self._last.heap_free_mib)
         self._read_at = now
         self._last = host_memory()
+        if now - self._trimmed_at >= self.busy_trim_s:
+            self._trim(self._last.heap_free_mib)
         return self._last
 
     def when_idle(self) -> bool:
@@ -157,4 +168,12 @@ class HeapWatch:
         `trim_free_mib` of it. Walks the heap; returns whether a trim ran."""
         if self.trim_free_mib is None or _LIBC is None:
             return False
-        return release_free_memory(self.trim_free_mib, host_memory().heap_free_mib)
+        return self._trim(host_memory().heap_free_mib)
+
+    def _trim(self, heap_free_mib: float | None) -> bool:
+        if self.trim_free_mib is None:
+            return False
+        trimmed = release_free_memory(self.trim_free_mib, heap_free_mib)
+        if trimmed:
+            self._trimmed_at = time.monotonic()
+        return trimmed
