@@ -217,3 +217,30 @@ def test_cast_b_is_reused_until_b_changes(tiny_fp32):
     A = adapter.weights["lm_head"][0]
     adapter.weights["lm_head"] = (A, torch.zeros_like(B, requires_grad=True))
     assert not adapter.cast_b("lm_head", torch.bfloat16).any()
+
+
+@pytest.mark.parametrize("rows", [[3], [1, 2, 1]])
+def test_no_grad_passes_reuse_one_cast_of_the_weights(tiny_fp32, rows):
+    """A sampler keeps one LoRABatch across decode steps: under no_grad and autocast it casts
+    the weights once, with the same result as autocast casting them at every call."""
+    _, cfg = tiny_fp32
+    adapters = [nonzero_b(Adapter.init(cfg, s, "cpu"), seed=i)
+                for i, s in enumerate(SPECS[: len(rows)])]
+    x = torch.randn(sum(rows), 2, cfg.hidden_size)
+    key = "layers.1.mlp.down_proj"
+    x_down = torch.randn(sum(rows), 2, cfg.intermediate_size)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = LoRABatch.build(adapters, rows, 2).apply(key, x_down).detach()  # autograd path
+        batch = LoRABatch.build(adapters, rows, 2)
+        with torch.no_grad():
+            first = batch.apply(key, x_down)
+            casts = dict(batch._casts)
+            again = batch.apply(key, x_down)
+            batch.apply("layers.0.self_attn.q_proj", x)
+    assert torch.equal(first, want) and torch.equal(again, want)
+    assert key in casts and all(t.dtype == torch.bfloat16 for t in casts[key])
+    assert batch._casts[key][0] is casts[key][0]  # cast once, reused
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        trained = LoRABatch.build(adapters, rows, 2)
+        trained.apply(key, x_down)
+    assert not trained._casts  # under autograd, autocast casts and gradients reach fp32

@@ -168,9 +168,10 @@ class Adapter:
 class LoRABatch:
     """LoRA routing for one batched pass: adapter k owns rows [sum(rows[:k]), sum(rows[:k+1])).
 
-    Stacked weights are cached per key at first use. They are copies: build a new LoRABatch
-    after the adapters change (an optimizer step, a load), and build one per training pass
-    (a cached stack belongs to one autograd graph). Many no-grad sampling passes may share one.
+    Stacked weights (and, for no-grad passes under autocast, the weights' casts) are cached per
+    key at first use. They are copies: build a new LoRABatch after the adapters change (an
+    optimizer step, a load), and build one per training pass (a cached stack belongs to one
+    autograd graph). Many no-grad sampling passes may share one.
     """
 
     def __init__(self, adapters: list[Adapter], rows: list[int], seq_len: int):
@@ -178,6 +179,7 @@ class LoRABatch:
         self.num_rows = sum(rows)
         self.targets = set().union(*(a.weights for a in adapters))
         self._stacks: dict[str, tuple[Tensor, Tensor]] = {}
+        self._casts: dict[str, tuple[Tensor, Tensor]] = {}  # see _frozen_casts
         if len(adapters) > 1:
             device = adapters[0].device
             self.max_rank = max(a.spec.rank for a in adapters)
@@ -221,8 +223,21 @@ class LoRABatch:
                 else:
                     As.append(A0.new_zeros(A0.shape[0], r))
                     Bs.append(B0.new_zeros(r, B0.shape[1]))
-            self._stacks[key] = (torch.stack(As), torch.stack(Bs))
+            self._stacks[key] = self._frozen_casts(key, (torch.stack(As), torch.stack(Bs)))
         return self._stacks[key]
+
+    def _frozen_casts(self, key: str, weights: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """Under no_grad with autocast on, the weights cast to the autocast dtype once for this
+        LoRABatch's life: a sampler keeps one LoRABatch across decode steps, and autocast would
+        otherwise cast every adapter matrix again at every step. Otherwise the weights as they
+        are (under autograd, autocast casts them, and the gradient reaches the fp32 leaves)."""
+        A = weights[0]
+        if torch.is_grad_enabled() or not torch.is_autocast_enabled(A.device.type):
+            return weights
+        dtype = torch.get_autocast_dtype(A.device.type)
+        if key not in self._casts:
+            self._casts[key] = (weights[0].to(dtype), weights[1].to(dtype))
+        return self._casts[key]
 
     # Targets whose deltas are added row segment by row segment, in place (`add_to`): their
     # weights are large next to a pass's rows (the unembedding's B is r x vocab), so stacking K
@@ -258,7 +273,7 @@ class LoRABatch:
             raise ValueError(f"pass has {x.shape[0]} rows, LoRABatch routes {self.num_rows}")
         if len(self.adapters) == 1:
             adapter = self.adapters[0]
-            A, B = adapter.weights[key]
+            A, B = self._frozen_casts(key, adapter.weights[key])
             return ((as_input(x, A) @ A) * adapter.scaling) @ B
 
         if key in self.loop_keys:
