@@ -58,8 +58,8 @@ from bios.server.plan import (
 
 log = logging.getLogger(__name__)
 
-# Past this much free malloc heap when the engine falls idle, give it back to the OS
-# (engine/memory.py).
+# Past this much free malloc heap when the engine falls idle (or every 10 s under load), give
+# it back to the OS (engine/memory.py).
 TRIM_FREE_MIB = 128.0
 # Tokens unembedded at a time (a chunk may span runs). On CPU the [chunk, vocab] logits should
 # stay near cache size: a 512-token pass of one run on the tiny model (49k vocabulary, 2-core
