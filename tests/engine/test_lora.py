@@ -218,6 +218,17 @@ def test_cast_b_is_reused_until_b_changes(tiny_fp32):
     adapter.weights["lm_head"] = (A, torch.zeros_like(B, requires_grad=True))
     assert not adapter.cast_b("lm_head", torch.bfloat16).any()
 
+    # a replacement at the same version counter as the tensor it replaces is not mistaken for it
+    fresh = nonzero_b(Adapter.init(cfg, AdapterSpec(rank=4, seed=0), "cpu"), seed=3)
+    A, B = fresh.weights["lm_head"]
+    first = fresh.cast_b("lm_head", torch.bfloat16)
+    other = torch.zeros_like(B, requires_grad=True)
+    with torch.no_grad():
+        other.fill_(1.0)  # one in-place write, as nonzero_b gave B
+    assert other._version == B._version
+    fresh.weights["lm_head"] = (A, other)
+    assert torch.equal(fresh.cast_b("lm_head", torch.bfloat16), torch.ones_like(first))
+
 
 @pytest.mark.parametrize("rows", [[3], [1, 2, 1]])
 def test_no_grad_passes_reuse_one_cast_of_the_weights(tiny_fp32, rows):
@@ -244,3 +255,27 @@ def test_no_grad_passes_reuse_one_cast_of_the_weights(tiny_fp32, rows):
         trained = LoRABatch.build(adapters, rows, 2)
         trained.apply(key, x_down)
     assert not trained._casts  # under autograd, autocast casts and gradients reach fp32
+
+
+def test_row_lora_adds_unembedding_deltas_in_the_logits_dtype(tiny_fp32):
+    """Decode rows in any order, some on the bare base model: each adapter row gets its own
+    delta, base rows none, and the sum stays in the logits' dtype (bf16 under autocast)."""
+    from bios.server.engine.sampler import RowLoRA
+
+    _, cfg = tiny_fp32
+    a, b = (nonzero_b(Adapter.init(cfg, AdapterSpec(rank=4, seed=i), "cpu"), seed=i)
+            for i in range(2))
+    order = [b, None, a, b]
+    x = torch.randn(4, 1, cfg.hidden_size)
+    y = torch.randn(4, 1, cfg.vocab_size).bfloat16()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        rows = RowLoRA.build(order, 1)
+        assert rows is not None and not rows.in_place
+        out = rows.add_to("lm_head", x, y.clone())
+        alone = [None if ad is None else
+                 LoRABatch.build([ad], [1], 1).add_to("lm_head", x[i : i + 1], y[i : i + 1].clone())
+                 for i, ad in enumerate(order)]
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out[1], y[1])  # the base row is untouched
+    for i in (0, 2, 3):
+        torch.testing.assert_close(out[i], alone[i][0])

@@ -60,8 +60,8 @@ class Adapter:
 
     spec: AdapterSpec
     weights: dict[str, tuple[Tensor, Tensor]]
-    # (key, dtype) -> (B's version counter when cast, detached cast of B); see cast_b
-    _casts: dict[tuple[str, torch.dtype], tuple[int, Tensor]] = field(
+    # (key, dtype) -> (the B that was cast, its version counter then, the detached cast)
+    _casts: dict[tuple[str, torch.dtype], tuple[Tensor, int, Tensor]] = field(
         default_factory=dict, init=False, repr=False)
 
     def cast_b(self, key: str, dtype: torch.dtype) -> Tensor:
@@ -73,10 +73,10 @@ class Adapter:
         """
         B = self.weights[key][1]
         cached = self._casts.get((key, dtype))
-        if cached is not None and cached[0] == B._version and cached[1].shape == B.shape:
-            return cached[1]
+        if cached is not None and cached[0] is B and cached[1] == B._version:
+            return cached[2]
         cast = B.detach().to(dtype)
-        self._casts[(key, dtype)] = (B._version, cast)
+        self._casts[(key, dtype)] = (B, B._version, cast)
         return cast
 
     @property
@@ -276,8 +276,12 @@ class LoRABatch:
             A, B = self._frozen_casts(key, adapter.weights[key])
             return ((as_input(x, A) @ A) * adapter.scaling) @ B
 
-        if key in self.loop_keys:
-            return self.add_to(key, x, x.new_zeros(*x.shape[:-1], self._out_features(key)))
+        if key in self.loop_keys:  # the delta alone: added to zeros of the matmuls' dtype
+            device = x.device.type
+            dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+                     else x.dtype)
+            zeros = x.new_zeros(*x.shape[:-1], self._out_features(key), dtype=dtype)
+            return self.add_to(key, x, zeros)
         A, B = self._stack(key)
         K, n_rows = len(self.adapters), x.shape[0]
         xr = as_input(x, A).reshape(n_rows, -1, x.shape[-1])  # (rows, N, in)

@@ -22,7 +22,8 @@ On platforms without glibc the stats read as unknown and these calls do nothing.
 the heap and its fragmentation: about 70 ms for `mallinfo2` on a fragmented 6.7 GiB heap
 (measured), and a few ms in a server holding a hundred runs, where a small step's whole cycle
 takes 5-50 ms.
-`HeapWatch` therefore reads at most once per interval after work, and trims only when idle.
+`HeapWatch` therefore reads at most once per interval after work, and trims when idle or,
+under sustained load, at most every 10 s.
 """
 
 from __future__ import annotations

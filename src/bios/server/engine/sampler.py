@@ -120,11 +120,15 @@ class RowLoRA:
         return out.index_copy_(0, self.order, delta)
 
     def add_to(self, key: str, x: Tensor, y: Tensor) -> Tensor:
-        """`y + apply(key, x)`, in place into y where the rows are grouped already."""
+        """`y + apply(key, x)`: the adapter rows of y, gathered into grouped order, get their
+        deltas added in y's dtype (in place into y where the rows are grouped already)."""
         if self.in_place:
             return self.batch.add_to(key, x, y)
-        delta = self.apply(key, x)
-        return y if delta is None else y + delta
+        if key not in self.batch.targets:
+            return y
+        grouped = self.batch.add_to(key, x.index_select(0, self.order),
+                                    y.index_select(0, self.order))
+        return y.index_copy(0, self.order, grouped)
 
 
 # ----------------------------------------------------------------------------- KV cache
