@@ -51,13 +51,38 @@ def test_init_is_seeded_and_follows_the_spec(tiny_fp32):
     for (A, B), (A2, _), (A3, _) in zip(
         a.weights.values(), b.weights.values(), other.weights.values(), strict=True
     ):
-        assert A.is_leaf and A.requires_grad and A.dtype == torch.float32
+        assert A.dtype == torch.float32
         assert torch.equal(A, A2) and not torch.equal(A, A3)
         assert A.abs().max() <= 1 / math.sqrt(A.shape[0])  # kaiming_uniform(a=sqrt(5)) bound
         assert B.shape[0] == 4 and not B.any()
     q_a, q_b = a.weights["layers.0.self_attn.k_proj"]
     assert q_a.shape == (cfg.hidden_size, 4) and q_b.shape == (4, cfg.num_kv_heads * cfg.head_dim)
-    assert a.parameters()[:2] == [q for q in a.weights["layers.0.self_attn.q_proj"]]
+    assert a.tensors()[:2] == [q for q in a.weights["layers.0.self_attn.q_proj"]]
+
+    # the blocks' matrices are views of one packed leaf; the unembedding's are leaves
+    assert a.packed.is_leaf and a.packed.requires_grad and a.packed.numel() == a.layout.size
+    assert a.parameters() == [a.packed, *a.weights["lm_head"]]
+    base = a.packed.untyped_storage().data_ptr()
+    for key, (A, B) in a.weights.items():
+        packed = key != "lm_head"
+        assert (A.untyped_storage().data_ptr() == base) == packed
+        assert (B.untyped_storage().data_ptr() == base) == packed
+        assert A.is_contiguous() and B.is_contiguous()
+        assert (A.is_leaf and A.requires_grad) == (not packed)
+
+
+def test_grads_are_per_matrix_views_of_the_packed_gradient(tiny_fp32):
+    _, cfg = tiny_fp32
+    adapter = Adapter.init(cfg, AdapterSpec(rank=4, seed=0), "cpu")
+    assert all(g is None for g in adapter.grads())
+    adapter.packed.grad = torch.arange(adapter.layout.size, dtype=torch.float32)
+    grads = adapter.grads()
+    assert [g is None for g in grads] == [False] * (len(grads) - 2) + [True, True]  # lm_head
+    at = 0
+    for t, g in zip(adapter.tensors()[:-2], grads[:-2], strict=True):
+        assert g.shape == t.shape and int(g.flatten()[0]) == at
+        at += t.numel()
+    assert at == adapter.layout.size
 
 
 def test_peft_state_dict_round_trip_and_errors(tiny_fp32):
@@ -71,7 +96,9 @@ def test_peft_state_dict_round_trip_and_errors(tiny_fp32):
     dst = Adapter.init(cfg, AdapterSpec(rank=4, seed=2), "cpu")
     dst.load_peft_state_dict(sd)
     for (A, B), (A2, B2) in zip(src.weights.values(), dst.weights.values(), strict=True):
-        assert torch.equal(A, A2) and torch.equal(B, B2) and A2.is_leaf
+        assert torch.equal(A, A2) and torch.equal(B, B2)
+    loaded = dst.packed.clone()
+    assert torch.equal(loaded, src.packed)  # written in place, into the packed leaf
 
     wrong_rank = Adapter.init(cfg, AdapterSpec(rank=8, seed=2), "cpu")
     with pytest.raises(ValueError, match=r"lora_A.weight: shape \(4, 256\), expected \(8, 256\)"):
@@ -100,11 +127,12 @@ def test_logits_and_gradients_match_peft(tiny_fp32, tiny_model_dir):
     F.cross_entropy(theirs.flatten(0, 1), targets.flatten()).backward()
 
     params = dict(peft_model.named_parameters())
-    for key, (A, B) in adapter.weights.items():
+    grads = adapter.grads()
+    for key, grad_A, grad_B in zip(adapter.weights, grads[0::2], grads[1::2], strict=True):
         peft_A = params[peft_key(key) + ".lora_A.default.weight"].grad
         peft_B = params[peft_key(key) + ".lora_B.default.weight"].grad
-        assert_grad_close(A.grad, peft_A.t())
-        assert_grad_close(B.grad, peft_B.t())
+        assert_grad_close(grad_A, peft_A.t())
+        assert_grad_close(grad_B, peft_B.t())
 
 
 def test_peft_loads_our_adapter_directory(tiny_fp32, tiny_model_dir, tmp_path):
@@ -133,15 +161,25 @@ SPECS = [
 
 @pytest.mark.parametrize("rows", [[2, 1, 3], [2, 2, 2]])
 def test_batched_adapters_equal_separate_passes(tiny_fp32, rows):
-    model, cfg = tiny_fp32
-    adapters = [nonzero_b(Adapter.init(cfg, s, "cpu"), seed=i) for i, s in enumerate(SPECS)]
+    check_batch_equals_separate_passes(*tiny_fp32, SPECS, rows)
+
+
+def test_an_adapter_with_nothing_packed_batches_with_others(tiny_fp32):
+    """An unembedding-only adapter (an empty packed leaf) next to a full one: zeros in the
+    stacked blocks' rows for it, and no gradient leaks either way."""
+    only_unembed = AdapterSpec(rank=4, seed=9, train_attn=False, train_mlp=False)
+    check_batch_equals_separate_passes(*tiny_fp32, [SPECS[1], only_unembed], [1, 2])
+
+
+def check_batch_equals_separate_passes(model, cfg, specs, rows):
+    adapters = [nonzero_b(Adapter.init(cfg, s, "cpu"), seed=i) for i, s in enumerate(specs)]
     T = 10
     ids, targets = token_batch(sum(rows), T, cfg.vocab_size, seed=4)
 
     batch = LoRABatch.build(adapters, rows, seq_len=T)
     joint = model.unembed(model(ids, lora=batch), batch)
     F.cross_entropy(joint.flatten(0, 1), targets.flatten(), reduction="sum").backward()
-    joint_grads = [[t.grad.clone() for t in a.parameters()] for a in adapters]
+    joint_grads = [[g.clone() for g in a.grads()] for a in adapters]
 
     start = 0
     for adapter, n, grads in zip(adapters, rows, joint_grads, strict=True):
@@ -153,8 +191,8 @@ def test_batched_adapters_equal_separate_passes(tiny_fp32, rows):
         torch.testing.assert_close(joint[rows_k], alone, rtol=1e-4, atol=1e-5)
         loss = F.cross_entropy(alone.flatten(0, 1), targets[rows_k].flatten(), reduction="sum")
         loss.backward()
-        for t, g in zip(adapter.parameters(), grads, strict=True):
-            assert_grad_close(g, t.grad)
+        for g, g_alone in zip(grads, adapter.grads(), strict=True):
+            assert_grad_close(g, g_alone)
         start += n
 
 
@@ -165,9 +203,9 @@ def test_gradients_stay_in_their_adapter(tiny_fp32):
     batch = LoRABatch.build(adapters, [1, 2, 1], seq_len=6)
     logits = model.unembed(model(ids, lora=batch), batch)
     F.cross_entropy(logits[1:3].flatten(0, 1), targets[1:3].flatten()).backward()  # adapter 1
-    assert all(t.grad.abs().max() > 0 for t in adapters[1].parameters())
+    assert all(g.abs().max() > 0 for g in adapters[1].grads())  # every matrix of adapter 1
     for a in (adapters[0], adapters[2]):
-        assert all(t.grad is None or not t.grad.any() for t in a.parameters())
+        assert all(g is None or not g.any() for g in a.grads())
 
     # a second pass accumulates into the same .grad
     first = [t.grad.clone() for t in adapters[1].parameters()]
@@ -232,8 +270,8 @@ def test_cast_b_is_reused_until_b_changes(tiny_fp32):
 
 @pytest.mark.parametrize("rows", [[3], [1, 2, 1]])
 def test_no_grad_passes_reuse_one_cast_of_the_weights(tiny_fp32, rows):
-    """A sampler keeps one LoRABatch across decode steps: under no_grad and autocast it casts
-    the weights once, with the same result as autocast casting them at every call."""
+    """A sampler keeps one LoRABatch across decode steps: under no_grad and autocast it stacks
+    and casts the weights once, with the same result as the autograd path."""
     _, cfg = tiny_fp32
     adapters = [nonzero_b(Adapter.init(cfg, s, "cpu"), seed=i)
                 for i, s in enumerate(SPECS[: len(rows)])]
@@ -245,16 +283,12 @@ def test_no_grad_passes_reuse_one_cast_of_the_weights(tiny_fp32, rows):
         batch = LoRABatch.build(adapters, rows, 2)
         with torch.no_grad():
             first = batch.apply(key, x_down)
-            casts = dict(batch._casts)
+            stacked = batch._stacked
             again = batch.apply(key, x_down)
             batch.apply("layers.0.self_attn.q_proj", x)
     assert torch.equal(first, want) and torch.equal(again, want)
-    assert key in casts and all(t.dtype == torch.bfloat16 for t in casts[key])
-    assert batch._casts[key][0] is casts[key][0]  # cast once, reused
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        trained = LoRABatch.build(adapters, rows, 2)
-        trained.apply(key, x_down)
-    assert not trained._casts  # under autograd, autocast casts and gradients reach fp32
+    assert stacked is not None and batch._stacked is stacked  # stacked and cast once, reused
+    assert all(t.dtype == torch.bfloat16 for pair in stacked.values() for t in pair)
 
 
 def test_row_lora_adds_unembedding_deltas_in_the_logits_dtype(tiny_fp32):

@@ -148,3 +148,21 @@ def test_global_grad_norm():
     grads = [torch.tensor([3.0]), torch.tensor([[4.0, 0.0]])]
     assert float(global_grad_norm(grads)) == pytest.approx(5.0)
     assert float(global_grad_norm([])) == 0.0
+
+
+def test_explicit_gradients_equal_dot_grad():
+    """Gradients may be passed alongside the parameters (the adapter's per-matrix views of its
+    packed gradient): the same update as from `.grad`, None as zero, a count mismatch refused."""
+    a, b = make_params(), make_params()
+    hp = adam_params(SCHEDULE[0])
+    grads = grads_for(0)
+    for p, g in zip(a, grads, strict=True):
+        p.grad = g.clone()
+    AdamW(a).step(a, hp)
+    with torch.no_grad():
+        detached = [p.detach() for p in b]  # views, no .grad of their own
+    AdamW(detached).step(detached, hp, [g.clone() for g in grads[:-1]] + [None])
+    assert all(torch.equal(p, q) for p, q in zip(a[:-1], b[:-1], strict=True))
+    assert not torch.equal(a[-1], b[-1])  # a zero gradient moved it by weight decay alone
+    with pytest.raises(RuntimeError, match="2 gradients for 3 parameters"):
+        AdamW(detached).step(detached, hp, grads[:2])

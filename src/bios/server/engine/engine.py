@@ -86,7 +86,8 @@ def _user_errors() -> Iterator[None]:
 
 @dataclass
 class RunState:
-    """One run's trainable state. Gradients accumulate in the adapter tensors' `.grad`."""
+    """One run's trainable state. Gradients accumulate in the adapter's leaves' `.grad`
+    (`Adapter.parameters()`; per matrix: `Adapter.grads()`)."""
 
     spec: AdapterSpec
     adapter: Adapter
@@ -355,7 +356,7 @@ class Engine:
             raise UserError(f"run {op.run_id!r} already exists")
         with _user_errors():
             adapter = Adapter.init(self.config, op.spec, self.device)
-        self.runs[op.run_id] = RunState(op.spec, adapter, AdamW(adapter.parameters()))
+        self.runs[op.run_id] = RunState(op.spec, adapter, AdamW(adapter.tensors()))
         return {"model_id": op.run_id}
 
     def _optim_step(self, op: OptimStepOp) -> dict[str, Any]:
@@ -366,7 +367,7 @@ class Engine:
             hp = adam_params(op.adam)
         try:
             with _user_errors():
-                metrics = run.optimizer.step(run.adapter.parameters(), hp)
+                metrics = run.optimizer.step(run.adapter.tensors(), hp, run.adapter.grads())
         finally:
             run.zero_grad()
         return {"metrics": metrics}
@@ -404,7 +405,7 @@ class Engine:
             raise CheckpointError(
                 f"checkpoint lora_alpha {ckpt.spec.alpha} differs from this run's {run.spec.alpha}"
             )
-        params = run.adapter.parameters()
+        params = run.adapter.tensors()
         if ckpt.optimizer_state is not None:
             try:
                 optimizer = AdamW.from_state_tensors(ckpt.optimizer_state, params)

@@ -1,11 +1,13 @@
 """Multi-LoRA: each run's adapter weights, and the routing that lets many runs share one pass.
 
-`Adapter` owns one run's LoRA tensors (fp32 leaves, on the model's device) and their PEFT
-state-dict format. `LoRABatch` routes one batched pass: rows are contiguous per adapter, and
-`apply(key, x)` returns every row's scaled delta `x @ A @ B * alpha / rank` computed with two
-`torch.bmm` over the stacked adapters. The stacks are built from the adapters' own leaf tensors,
-so autograd sends each adapter's gradient into its own `.grad` (run isolation by construction).
-Nothing here knows about optimizers, losses or checkpoints on disk.
+`Adapter` owns one run's LoRA tensors (fp32, on the model's device) and their PEFT state-dict
+format. The transformer blocks' A and B matrices live end to end in one packed fp32 leaf per
+adapter (`PackedLayout` says where), so that a pass stacks K adapters with K copies instead of
+two per target and adapter, and their gradients come back the same way. `LoRABatch` routes one
+batched pass: rows are contiguous per adapter, and `apply(key, x)` returns every row's scaled
+delta `x @ A @ B * alpha / rank`, computed with two `torch.bmm` over the stacked adapters (two
+`mm` for one adapter). Each adapter's gradient reaches only its own leaves' `.grad` (run
+isolation by construction). Nothing here knows about optimizers, losses or checkpoints on disk.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
@@ -54,11 +55,60 @@ def as_input(x: Tensor, weight: Tensor) -> Tensor:
     return x.to(weight.dtype)
 
 
+# Targets whose deltas are added row segment by row segment, in place (`LoRABatch.add_to`):
+# their weights are large next to a pass's rows (the unembedding's B is r x vocab), so stacking
+# K copies of them (and their casts and gradients) would cost more than K small matmuls. They
+# stay separate leaves; every other target is packed.
+LOOP_KEYS: frozenset[str] = frozenset({"lm_head"})
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """Where each packed target's A (in, r) and B (r, out) sit in a 1-D buffer: A, then B,
+    target after target, each row-major. Equal layouts mean equal rank and targets."""
+
+    rank: int
+    targets: tuple[tuple[str, int, int], ...]  # (key, in_features, out_features)
+
+    @property
+    def size(self) -> int:
+        return sum(self.rank * (i + o) for _, i, o in self.targets)
+
+    def views(self, buf: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+        """buf (..., size) -> key -> (A (..., in, r), B (..., r, out)), views of buf."""
+        lead, r, out, at = buf.shape[:-1], self.rank, {}, 0
+        for key, fan_in, fan_out in self.targets:
+            A = buf[..., at : at + fan_in * r].view(*lead, fan_in, r)
+            at += fan_in * r
+            B = buf[..., at : at + r * fan_out].view(*lead, r, fan_out)
+            at += r * fan_out
+            out[key] = (A, B)
+        return out
+
+    @classmethod
+    def union(cls, layouts: list[PackedLayout]) -> PackedLayout:
+        """Every target of any layout (first-seen order) at the largest rank."""
+        if all(x == layouts[0] for x in layouts[1:]):
+            return layouts[0]
+        targets: dict[str, tuple[str, int, int]] = {}
+        for layout in layouts:
+            targets |= {t[0]: t for t in layout.targets if t[0] not in targets}
+        return cls(max(x.rank for x in layouts), tuple(targets.values()))
+
+
 @dataclass(eq=False)  # compared by identity: tensors have no truth value
 class Adapter:
-    """One run's LoRA weights: key -> (A (in, r), B (r, out)), fp32 leaves with requires_grad."""
+    """One run's LoRA weights: key -> (A (in, r), B (r, out)), fp32.
+
+    The transformer blocks' matrices are views of `packed`, one fp32 leaf laid out by `layout`;
+    the unembedding's (`LOOP_KEYS`) are leaves of their own. Autograd and gradients go through
+    `parameters()` (those leaves); the optimizer and checkpoints see one tensor per matrix
+    (`tensors()`, `grads()`), in a fixed order.
+    """
 
     spec: AdapterSpec
+    layout: PackedLayout
+    packed: Tensor  # (layout.size,) fp32 leaf
     weights: dict[str, tuple[Tensor, Tensor]]
     # (key, dtype) -> (the B that was cast, its version counter then, the detached cast)
     _casts: dict[tuple[str, torch.dtype], tuple[Tensor, int, Tensor]] = field(
@@ -85,7 +135,7 @@ class Adapter:
 
     @property
     def device(self) -> torch.device:
-        return next(iter(self.weights.values()))[0].device
+        return self.packed.device
 
     @classmethod
     def init(cls, cfg: ModelConfig, spec: AdapterSpec, device: torch.device | str) -> Adapter:
@@ -99,19 +149,46 @@ class Adapter:
         shapes = target_shapes(cfg, spec)
         if not shapes:
             raise ValueError("the adapter spec trains nothing (attn, mlp and unembed all off)")
+        layout = PackedLayout(spec.rank, tuple(
+            (key, fan_in, fan_out) for key, (fan_in, fan_out) in shapes.items()
+            if key not in LOOP_KEYS))
+        packed = torch.zeros(layout.size, device=device)
+        views = layout.views(packed)
         gen = torch.Generator().manual_seed(spec.seed)
         weights = {}
         for key, (fan_in, fan_out) in shapes.items():
             a = torch.empty(spec.rank, fan_in)  # nn.Linear(in, r).weight layout, as PEFT inits it
             torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)
-            A = a.t().contiguous().to(device).requires_grad_()
-            B = torch.zeros(spec.rank, fan_out, device=device, requires_grad=True)
-            weights[key] = (A, B)
-        return cls(spec, weights)
+            if key in views:
+                views[key][0].copy_(a.t())
+                weights[key] = views[key]
+            else:
+                A = a.t().contiguous().to(device).requires_grad_()
+                B = torch.zeros(spec.rank, fan_out, device=device, requires_grad=True)
+                weights[key] = (A, B)
+        # The packed views in `weights` were taken before packed required grad: they are plain
+        # aliases of its memory (in-place writes through them reach it), outside autograd.
+        return cls(spec, layout, packed.requires_grad_(), weights)
 
     def parameters(self) -> list[Tensor]:
+        """The autograd leaves: `packed`, then each loop target's A and B."""
+        return [self.packed, *(t for k in LOOP_KEYS if k in self.weights for t in self.weights[k])]
+
+    def tensors(self) -> list[Tensor]:
         """[A_0, B_0, A_1, B_1, ...] in target order (layers ascending, then lm_head)."""
         return [t for pair in self.weights.values() for t in pair]
+
+    def grads(self) -> list[Tensor | None]:
+        """The gradient of each of `tensors()` (views of `packed.grad`), None where none."""
+        grad = self.packed.grad
+        packed = self.layout.views(grad) if grad is not None else {}
+        out: list[Tensor | None] = []
+        for key, (A, B) in self.weights.items():
+            if key in LOOP_KEYS:
+                out += [A.grad, B.grad]
+            else:
+                out += list(packed.get(key, (None, None)))
+        return out
 
     def peft_target_modules(self) -> list[str]:
         return [
@@ -168,21 +245,22 @@ class Adapter:
 class LoRABatch:
     """LoRA routing for one batched pass: adapter k owns rows [sum(rows[:k]), sum(rows[:k+1])).
 
-    Stacked weights (and, for no-grad passes under autocast, the weights' casts) are cached per
-    key at first use. They are copies: build a new LoRABatch after the adapters change (an
-    optimizer step, a load), and build one per training pass (a cached stack belongs to one
-    autograd graph). Many no-grad sampling passes may share one.
+    At first use it stacks the adapters' packed weights, cast to the autocast dtype if one is
+    on, into one (K, size) buffer (`_StackPacked`): a copy, so build a new LoRABatch after the
+    adapters change (an optimizer step, a load), and one per training pass (the stack belongs
+    to one autograd graph). Many no-grad sampling passes may share one: the cast is done once.
     """
+
+    loop_keys: frozenset[str] = LOOP_KEYS
 
     def __init__(self, adapters: list[Adapter], rows: list[int], seq_len: int):
         self.adapters, self.rows, self.seq_len = adapters, rows, seq_len
         self.num_rows = sum(rows)
         self.targets = set().union(*(a.weights for a in adapters))
-        self._stacks: dict[str, tuple[Tensor, Tensor]] = {}
-        self._casts: dict[str, tuple[Tensor, Tensor]] = {}  # see _frozen_casts
+        self.layout = PackedLayout.union([a.layout for a in adapters])
+        self._stacked: dict[str, tuple[Tensor, Tensor]] | None = None
         if len(adapters) > 1:
             device = adapters[0].device
-            self.max_rank = max(a.spec.rank for a in adapters)
             self.equal_rows = len(set(rows)) == 1
             # alpha / rank per adapter, (K, 1, 1)
             self._scales = torch.tensor([a.scaling for a in adapters], device=device)[:, None, None]
@@ -204,46 +282,19 @@ class LoRABatch:
             raise ValueError("all adapters of a pass must be on one device")
         return cls(list(adapters), list(rows_per_adapter), seq_len)
 
-    def _out_features(self, key: str) -> int:
-        return next(a.weights[key][1].shape[1] for a in self.adapters if key in a.weights)
-
-    def _stack(self, key: str) -> tuple[Tensor, Tensor]:
-        """(A (K, in, rmax), B (K, rmax, out)), zero-padded ranks and zero missing targets."""
-        if key not in self._stacks:
-            r = self.max_rank
-            A0, B0 = next(a.weights[key] for a in self.adapters if key in a.weights)
-            As, Bs = [], []
-            for a in self.adapters:
-                if key in a.weights:
-                    A, B = a.weights[key]
-                    if A.shape[1] < r:  # F.pad copies even when it pads nothing
-                        A, B = F.pad(A, (0, r - A.shape[1])), F.pad(B, (0, 0, 0, r - B.shape[0]))
-                    As.append(A)
-                    Bs.append(B)
-                else:
-                    As.append(A0.new_zeros(A0.shape[0], r))
-                    Bs.append(B0.new_zeros(r, B0.shape[1]))
-            self._stacks[key] = self._frozen_casts(key, (torch.stack(As), torch.stack(Bs)))
-        return self._stacks[key]
-
-    def _frozen_casts(self, key: str, weights: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        """Under no_grad with autocast on, the weights cast to the autocast dtype once for this
-        LoRABatch's life: a sampler keeps one LoRABatch across decode steps, and autocast would
-        otherwise cast every adapter matrix again at every step. Otherwise the weights as they
-        are (under autograd, autocast casts them, and the gradient reaches the fp32 leaves)."""
-        A = weights[0]
-        if torch.is_grad_enabled() or not torch.is_autocast_enabled(A.device.type):
-            return weights
-        dtype = torch.get_autocast_dtype(A.device.type)
-        if key not in self._casts:
-            self._casts[key] = (weights[0].to(dtype), weights[1].to(dtype))
-        return self._casts[key]
-
-    # Targets whose deltas are added row segment by row segment, in place (`add_to`): their
-    # weights are large next to a pass's rows (the unembedding's B is r x vocab), so stacking K
-    # copies of them (and their casts and gradients) costs more than K small matmuls, and a
-    # delta-sized temporary costs a pass over [rows, vocab] memory.
-    loop_keys: frozenset[str] = frozenset({"lm_head"})
+    def _weights(self, key: str) -> tuple[Tensor, Tensor]:
+        """(A, B) for a packed key: (in, r), (r, out) for one adapter, else (K, in, rmax),
+        (K, rmax, out) with zero-padded ranks and zeros for adapters without the target."""
+        if self._stacked is None:
+            device = self.adapters[0].device.type
+            dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+                     else self.adapters[0].packed.dtype)
+            stacked = _StackPacked.apply(
+                self.layout, [a.layout for a in self.adapters], dtype,
+                *(a.packed for a in self.adapters))
+            self._stacked = dict(zip((t[0] for t in self.layout.targets),
+                                     zip(stacked[0::2], stacked[1::2], strict=True), strict=True))
+        return self._stacked[key]
 
     def add_to(self, key: str, x: Tensor, y: Tensor) -> Tensor:
         """`y + delta(key, x)`, where y (rows, ..., out) is the frozen projection of x; y itself
@@ -271,18 +322,15 @@ class LoRABatch:
             return None
         if x.shape[0] != self.num_rows:
             raise ValueError(f"pass has {x.shape[0]} rows, LoRABatch routes {self.num_rows}")
-        if len(self.adapters) == 1:
-            adapter = self.adapters[0]
-            A, B = self._frozen_casts(key, adapter.weights[key])
-            return ((as_input(x, A) @ A) * adapter.scaling) @ B
-
         if key in self.loop_keys:  # the delta alone: added to zeros of the matmuls' dtype
             device = x.device.type
             dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
                      else x.dtype)
-            zeros = x.new_zeros(*x.shape[:-1], self._out_features(key), dtype=dtype)
-            return self.add_to(key, x, zeros)
-        A, B = self._stack(key)
+            out = next(a.weights[key][1].shape[1] for a in self.adapters if key in a.weights)
+            return self.add_to(key, x, x.new_zeros(*x.shape[:-1], out, dtype=dtype))
+        A, B = self._weights(key)
+        if len(self.adapters) == 1:
+            return ((as_input(x, A) @ A) * self.adapters[0].scaling) @ B
         K, n_rows = len(self.adapters), x.shape[0]
         xr = as_input(x, A).reshape(n_rows, -1, x.shape[-1])  # (rows, N, in)
         N = xr.shape[1]
@@ -296,6 +344,62 @@ class LoRABatch:
         if not self.equal_rows:
             y = y.reshape(-1, N, y.shape[-1])[self._real_rows]  # (rows, N, out)
         return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+class _StackPacked(torch.autograd.Function):
+    """K adapters' packed weights -> one (K, size) buffer in `layout` and `dtype` (for K = 1,
+    (size,)); returns every target's (A, B) views of it, flattened: A_0, B_0, A_1, ...
+
+    An adapter whose layout is the batch's is one copy (with the cast); any other (a smaller
+    rank, fewer targets) is copied target by target into a zeroed row. Backward is the mirror:
+    one fp32 (K, size) gradient buffer filled target by target, whose row k is adapter k's
+    gradient; no per-target autograd nodes, no [K x targets] gradient accumulations.
+    """
+
+    @staticmethod
+    def forward(ctx, layout: PackedLayout, layouts: list[PackedLayout], dtype: torch.dtype,
+                *packed: Tensor) -> tuple[Tensor, ...]:
+        buf = packed[0].new_empty(len(packed), layout.size, dtype=dtype)
+        for row, own, p in zip(buf, layouts, packed, strict=True):
+            if own == layout:
+                row.copy_(p)
+                continue
+            row.zero_()
+            into = layout.views(row)
+            for key, (A, B) in own.views(p).items():
+                into[key][0][:, : own.rank].copy_(A)
+                into[key][1][: own.rank].copy_(B)
+        ctx.set_materialize_grads(False)
+        ctx.layout, ctx.layouts, ctx.grad_dtype = layout, layouts, packed[0].dtype
+        if len(packed) == 1:
+            return tuple(t for pair in layout.views(buf[0]).values() for t in pair)
+        # One contiguous (K, ...) copy per matrix: bmm would otherwise copy each strided
+        # (K-stride = size) view itself, in forward and again in backward.
+        return tuple(t.contiguous() for pair in layout.views(buf).values() for t in pair)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        layout, layouts = ctx.layout, ctx.layouts
+        some = next((g for g in grads if g is not None), None)
+        if some is None:
+            return (None,) * (3 + len(layouts))
+        buf = some.new_empty(len(layouts), layout.size, dtype=ctx.grad_dtype)
+        views = layout.views(buf if len(layouts) > 1 else buf[0])
+        for (A, B), gA, gB in zip(views.values(), grads[0::2], grads[1::2], strict=True):
+            for dst, g in ((A, gA), (B, gB)):
+                dst.zero_() if g is None else dst.copy_(g)
+        out: list[Tensor] = []
+        for row, own in zip(buf, layouts, strict=True):
+            if own == layout:
+                out.append(row)
+                continue
+            mine = row.new_empty(own.size)
+            source = layout.views(row)
+            for key, (A, B) in own.views(mine).items():
+                A.copy_(source[key][0][:, : own.rank])
+                B.copy_(source[key][1][: own.rank])
+            out.append(mine)
+        return (None, None, None, *out)
 
 
 class _AddRowDeltas(torch.autograd.Function):

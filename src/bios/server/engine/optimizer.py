@@ -3,7 +3,8 @@
 Owns: reading Tinker's `AdamParams` from a plan's `OptimStepOp.adam` dict, the update rule
 (`torch.optim.AdamW(fused=True)`'s kernel, decoupled weight decay included), global
 gradient-norm clipping, and the state as named tensors for checkpoints. It does not own the
-parameters or their gradients: callers pass the adapter's parameters (fixed order) to each call.
+parameters or their gradients: callers pass the adapter's tensors (fixed order), and their
+gradients, to each call.
 """
 
 from __future__ import annotations
@@ -39,13 +40,19 @@ class AdamW:
         self.step_count = 0
 
     @torch.no_grad()
-    def step(self, params: Sequence[Tensor], hp: AdamParams) -> dict[str, float]:
-        """One AdamW update from `p.grad` (None counts as a zero gradient, so a step with
-        nothing accumulated still decays the weights and moves them by the momentum, as
-        torch.optim.AdamW would with zero gradients). Gradients are left in place; the caller
+    def step(self, params: Sequence[Tensor], hp: AdamParams,
+             grads: Sequence[Tensor | None] | None = None) -> dict[str, float]:
+        """One AdamW update of `params` in place, from `grads` (one per parameter; default:
+        each parameter's `.grad`). A None gradient counts as zero, so a step with nothing
+        accumulated still decays the weights and moves them by the momentum, as
+        torch.optim.AdamW would with zero gradients. Gradients are left in place; the caller
         zeros them. A non-finite gradient norm raises ValueError before anything changes."""
         self._check_params(params)
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        given = [p.grad for p in params] if grads is None else list(grads)
+        if len(given) != len(params):
+            raise RuntimeError(f"AdamW.step: {len(given)} gradients for {len(params)} parameters")
+        grads = [g if g is not None else torch.zeros_like(p)
+                 for p, g in zip(params, given, strict=True)]
         grad_norm = global_grad_norm(grads)
         if not bool(torch.isfinite(grad_norm)):
             raise ValueError(f"gradient norm is {float(grad_norm)}; the step was not applied")
