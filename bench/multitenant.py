@@ -17,7 +17,7 @@ a separate PEFT process per run.
 
 Prints a table, then the two headline lines last; writes bench/results/multitenant.json.
 Usage: python bench/multitenant.py [--steps 12] [--batch 1] [--period 1.0] [--rounds 5]
-       [--reps 20] [--mix-procs 3] [--quick]
+       [--reps 20] [--mix-procs 5] [--quick]
 """
 
 from __future__ import annotations
@@ -350,7 +350,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
     ap.add_argument("--period", type=float, default=1.0, help="the fixed clock period (s)")
     ap.add_argument("--reps", type=int, default=20, help="mixing: timed pairs per process")
-    ap.add_argument("--mix-procs", type=int, default=3,
+    ap.add_argument("--mix-procs", type=int, default=5,
                     help="mixing: fresh processes to measure in (the figure is their median)")
     ap.add_argument("--mixing-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--rounds", type=int, default=5,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -258,17 +259,21 @@ class LoRABatch:
         self.num_rows = sum(rows)
         self.targets = set().union(*(a.weights for a in adapters))
         self.layout = PackedLayout.union([a.layout for a in adapters])
+        self.equal_rows = len(set(rows)) == 1
         self._stacked: dict[str, tuple[Tensor, Tensor]] | None = None
-        if len(adapters) > 1:
-            device = adapters[0].device
-            self.equal_rows = len(set(rows)) == 1
-            # alpha / rank per adapter, (K, 1, 1)
-            self._scales = torch.tensor([a.scaling for a in adapters], device=device)[:, None, None]
-            # flat index, into the (K * max_rows) padded rows, of every real row in pass order
-            rmax = max(rows)
-            self._real_rows = torch.cat(
-                [k * rmax + torch.arange(n, device=device) for k, n in enumerate(rows)]
-            )
+
+    @cached_property
+    def _scales(self) -> Tensor:
+        """alpha / rank per adapter, (K, 1, 1)."""
+        scales = [a.scaling for a in self.adapters]
+        return torch.tensor(scales, device=self.adapters[0].device)[:, None, None]
+
+    @cached_property
+    def _real_rows(self) -> Tensor:
+        """Flat index, into the (K * max_rows) padded rows, of every real row in pass order."""
+        device, rmax = self.adapters[0].device, max(self.rows)
+        return torch.cat([k * rmax + torch.arange(n, device=device)
+                          for k, n in enumerate(self.rows)])
 
     @classmethod
     def build(cls, adapters: list[Adapter], rows_per_adapter: list[int], seq_len: int) -> LoRABatch:
