@@ -345,7 +345,7 @@ class LoRABatch:
             xk = pad_sequence(list(xr.split(self.rows)), batch_first=True)  # (K, rmax, N, in)
             xk = xk.reshape(K, -1, xr.shape[-1])
         h = torch.bmm(xk, A)  # (K, M, r)
-        y = torch.bmm(h * self._scales.to(h.dtype), B)  # (K, M, out)
+        y = torch.bmm(h.mul_(self._scales), B)  # (K, M, out); h is not saved for backward
         if not self.equal_rows:
             y = y.reshape(-1, N, y.shape[-1])[self._real_rows]  # (rows, N, out)
         return y.reshape(*x.shape[:-1], y.shape[-1])
