@@ -232,6 +232,34 @@ def test_gradient_accumulation_equals_one_big_batch(small):
     assert_close_all(weights(split, "a"), weights(joined, "a"))
 
 
+@pytest.mark.parametrize("release", ["next cycle", "idle"])
+def test_a_gradient_kept_past_its_cycle_holds_only_its_own_memory(small, release):
+    """Runs of one layout batched in one pass get their packed gradients as rows of one shared
+    buffer. A run still holding its row one cycle later, or when the engine falls idle, gets
+    it copied out with the same values, so it does not keep its pass-mates' rows alive."""
+    engine, reference = make_engine(small), make_engine(small)
+    data = {r: [datum(9, seed)] for seed, r in enumerate("xyz")}
+    for seed, r in enumerate("xyz"):
+        execute(engine, create(r, 4, seed=seed))
+    execute(reference, create("y", 4, seed=1))
+    ops = [fb(f"fb-{r}", r, data[r]) for r in "xyz"]
+    _, cycle = execute(engine, PassGroup(ops), step("x"))
+    assert cycle.stats.passes == 1
+    assert engine.runs["x"].adapter.packed.grad is None  # stepped: consumed and cleared
+    # y and z may step in the next cycle: no copy yet
+    assert all(engine.runs[r].holds_shared_gradient() for r in "yz")
+    if release == "idle":
+        engine.idle()
+    else:
+        execute(engine, step("x", 1))
+    for r in "yz":
+        g = engine.runs[r].adapter.packed.grad
+        assert g is not None and g.abs().max() > 0
+        assert g._base is None and not engine.runs[r].holds_shared_gradient()
+    execute(reference, PassGroup([fb("fb-y", "y", data["y"])]))
+    assert_close_all(grads(engine, "y"), grads(reference, "y"))
+
+
 # ----------------------------------------------------------------------------- isolation
 
 

@@ -97,6 +97,20 @@ class RunState:
         for p in self.adapter.parameters():
             p.grad = None
 
+    def holds_shared_gradient(self) -> bool:
+        """Whether a gradient of this run is a row of a batched pass's shared buffer (see
+        `lora._StackPacked`), which keeps every row of that buffer alive."""
+        return any(p.grad is not None and p.grad._base is not None
+                   and p.grad._base.numel() > p.grad.numel() for p in self.adapter.parameters())
+
+    def own_gradients(self) -> None:
+        """Copy out gradients that are rows of a shared buffer: the run then holds only its
+        own memory, not the rows of every run it shared the pass with."""
+        for p in self.adapter.parameters():
+            g = p.grad
+            if g is not None and g._base is not None and g._base.numel() > g.numel():
+                p.grad = g.clone()
+
 
 # ----------------------------------------------------------------------------- pass packing
 
@@ -198,6 +212,10 @@ class Engine:
         self.tokenizer_path: Path | None = None  # for the sampler's stop strings
         self._sampler: Sampler | None = None
         self.runs: dict[str, RunState] = {}
+        # Runs that ended a cycle holding a row of a shared gradient buffer. Most runs step in
+        # the same or the next cycle, which frees it; a run still holding it one cycle later,
+        # or when the engine falls idle, gets its row copied out (`RunState.own_gradients`).
+        self._holding_rows: set[str] = set()
 
     @classmethod
     def from_model_dir(
@@ -242,7 +260,14 @@ class Engine:
         """No work is waiting: a good time to return free host memory to the OS (a few ms).
         Returns whether any was returned. Executors call this after a lull, not between busy
         cycles, where the next pass would only fault the pages back in."""
+        self._release_shared_gradients(self._holding_rows)
         return self.heap.when_idle()
+
+    def _release_shared_gradients(self, run_ids: set[str]) -> None:
+        for run_id in run_ids:
+            if run_id in self.runs:
+                self.runs[run_id].own_gradients()
+        self._holding_rows -= run_ids
 
     # ------------------------------------------------------------------------- cycle
 
@@ -296,6 +321,9 @@ class Engine:
                 kinds[step.kind] += 1
                 runs.add(step.run_id)
                 compute_ms[step.run_id] += (time.perf_counter() - t0) * 1000.0
+        self._release_shared_gradients(self._holding_rows)  # held since the last cycle
+        self._holding_rows = {r for r in runs
+                              if r in self.runs and self.runs[r].holds_shared_gradient()}
         engine_ms = (time.perf_counter() - start) * 1000.0
         mem = self.heap.after_work()
         stats = CycleStats(
