@@ -71,6 +71,24 @@ def test_init_is_seeded_and_follows_the_spec(tiny_fp32):
         assert (A.is_leaf and A.requires_grad) == (not packed)
 
 
+def test_packed_views_stay_plain_aliases_through_steps_and_loads(tiny_fp32):
+    """The per-matrix views share the packed leaf's memory and version counter, and stay
+    outside autograd after in-place writes (an optimizer step, a load)."""
+    from bios.server.engine.optimizer import AdamW, adam_params
+
+    _, cfg = tiny_fp32
+    adapter = Adapter.init(cfg, AdapterSpec(rank=4, seed=0, train_unembed=False), "cpu")
+    A, _ = adapter.weights["layers.0.self_attn.q_proj"]
+    version = adapter.packed._version
+    adapter.packed.grad = torch.ones_like(adapter.packed)
+    AdamW(adapter.tensors()).step(adapter.tensors(), adam_params({"learning_rate": 0.1}),
+                                  adapter.grads())
+    assert adapter.packed._version > version  # the step reached the leaf's version counter
+    adapter.load_peft_state_dict(adapter.to_peft_state_dict())
+    assert not A.requires_grad and A.grad_fn is None
+    assert torch.equal(A.flatten(), adapter.packed.detach()[: A.numel()])
+
+
 def test_grads_are_per_matrix_views_of_the_packed_gradient(tiny_fp32):
     _, cfg = tiny_fp32
     adapter = Adapter.init(cfg, AdapterSpec(rank=4, seed=0), "cpu")

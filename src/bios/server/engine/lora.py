@@ -3,7 +3,7 @@
 `Adapter` owns one run's LoRA tensors (fp32, on the model's device) and their PEFT state-dict
 format. The transformer blocks' A and B matrices live end to end in one packed fp32 leaf per
 adapter (`PackedLayout` says where), so that a pass stacks K adapters with K copies instead of
-two per target and adapter, and their gradients come back the same way. `LoRABatch` routes one
+a stack and a cast per target, and their gradients come back the same way. `LoRABatch` routes one
 batched pass: rows are contiguous per adapter, and `apply(key, x)` returns every row's scaled
 delta `x @ A @ B * alpha / rank`, computed with two `torch.bmm` over the stacked adapters (two
 `mm` for one adapter). Each adapter's gradient reaches only its own leaves' `.grad` (run
@@ -153,8 +153,12 @@ class Adapter:
         layout = PackedLayout(spec.rank, tuple(
             (key, fan_in, fan_out) for key, (fan_in, fan_out) in shapes.items()
             if key not in LOOP_KEYS))
-        packed = torch.zeros(layout.size, device=device)
-        views = layout.views(packed)
+        packed = torch.zeros(layout.size, device=device, requires_grad=True)
+        # Views of a detached alias: they share packed's memory and version counter (in-place
+        # writes through them, by the optimizer or a load, reach it and invalidate what was
+        # derived from it), but never join autograd. Views of packed itself would turn into
+        # differentiable non-leaf views after the first in-place write.
+        views = layout.views(packed.detach())
         gen = torch.Generator().manual_seed(spec.seed)
         weights = {}
         for key, (fan_in, fan_out) in shapes.items():
@@ -167,9 +171,7 @@ class Adapter:
                 A = a.t().contiguous().to(device).requires_grad_()
                 B = torch.zeros(spec.rank, fan_out, device=device, requires_grad=True)
                 weights[key] = (A, B)
-        # The packed views in `weights` were taken before packed required grad: they are plain
-        # aliases of its memory (in-place writes through them reach it), outside autograd.
-        return cls(spec, layout, packed.requires_grad_(), weights)
+        return cls(spec, layout, packed, weights)
 
     def parameters(self) -> list[Tensor]:
         """The autograd leaves: `packed`, then each loop target's A and B."""
