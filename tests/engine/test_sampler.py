@@ -455,6 +455,20 @@ def test_token_chooser_filters():
     assert len(seen[5]) > 200  # plain sampling over 1000 near-uniform tokens
 
 
+@pytest.mark.parametrize("temperature", [1e-4, 1e-30, 1e-40, 5e-324])
+def test_tiny_temperatures_take_the_argmax(temperature):
+    """The limit of sampling as t goes to 0 is the argmax. Dividing raw logits by a tiny t
+    overflowed them to inf (NaN probabilities, token 0 drawn); a t below fp32's range rounded
+    to 0."""
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(4, 1000, generator=gen) * 5
+    rows = [RowSampling(temperature=temperature), RowSampling(temperature=temperature, top_k=50),
+            RowSampling(temperature=temperature, top_p=0.9), RowSampling(temperature=temperature)]
+    chooser = TokenChooser(rows, "cpu")
+    uniforms = torch.tensor([0.0, 0.3, 0.7, 1 - 1e-12], dtype=torch.float64)
+    assert chooser(logits, uniforms).tolist() == logits.argmax(dim=-1).tolist()
+
+
 def test_inverse_cdf_never_picks_zero_probability():
     logits = torch.full((4, 50), float("-inf"))
     logits[:, 7] = 0.0

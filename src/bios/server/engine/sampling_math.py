@@ -87,6 +87,14 @@ def _search(cdf: Tensor, target: Tensor, nonzero: Tensor) -> Tensor:
     return torch.minimum(picked, last)
 
 
+def tempered(logits: Tensor, temperatures: Tensor) -> Tensor:
+    """`logits / t` per row, shifted so each row's largest logit is 0 first (the softmax is
+    the same). Without the shift a tiny positive t (say 1e-40) overflows the largest logits to
+    inf and the softmax to NaN; with it they stay 0 and the rest go to -inf, so the draw takes
+    the argmax, the limit of sampling as t goes to 0."""
+    return (logits - logits.amax(dim=-1, keepdim=True)) / temperatures
+
+
 class TokenChooser:
     """The sampling settings of one batch of rows, pre-split by the math each row needs.
 
@@ -122,7 +130,9 @@ class TokenChooser:
         """(m, 1) divisors, or None when every row samples at temperature 1."""
         if all(r.temperature == 1.0 for r in rows):
             return None
-        return torch.tensor([r.temperature for r in rows], device=device)[:, None]
+        # fp32 like the logits; a positive t below fp32's range would round to 0 (0/0 = NaN)
+        t = torch.tensor([r.temperature for r in rows], device=device)
+        return t.clamp_min(torch.finfo(t.dtype).tiny)[:, None]
 
     def __call__(self, logits: Tensor, uniforms: Tensor) -> Tensor:
         """logits (n, V) raw, uniforms (n,) float64 -> chosen token ids (n,) long."""
@@ -135,7 +145,7 @@ class TokenChooser:
         if self.plain is not None:
             scaled = logits[self.plain]
             if self.plain_temp is not None:
-                scaled = scaled / self.plain_temp
+                scaled = tempered(scaled, self.plain_temp)
             probs = torch.softmax(scaled, dim=-1)
             tokens[self.plain] = inverse_cdf(probs, uniforms[self.plain])
         if self.filtered is not None:
@@ -148,7 +158,7 @@ class TokenChooser:
         rounding) do not change which token a given uniform picks."""
         vocab = logits.shape[1]
         if self.filtered_temp is not None:
-            logits = logits / self.filtered_temp
+            logits = tempered(logits, self.filtered_temp)
         # every row has a top_k: only the largest max(k) logits matter; else sort them all
         k_max = vocab if min(self.top_k_list) <= 0 else min(max(self.top_k_list), vocab)
         top, order = logits.topk(k_max, dim=-1, sorted=True)  # (m, k_max), descending
