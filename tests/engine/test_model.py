@@ -41,6 +41,17 @@ ARCHS = {
         ),
     ),
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, dict(head_dim=16)),
+    # windows shorter than the test sequences: every layer, and from layer 1 on
+    "mistral-window": (
+        transformers.MistralConfig,
+        transformers.MistralForCausalLM,
+        dict(head_dim=16, sliding_window=7),
+    ),
+    "qwen2-window": (
+        transformers.Qwen2Config,
+        transformers.Qwen2ForCausalLM,
+        dict(use_sliding_window=True, sliding_window=6, max_window_layers=1),
+    ),
     "qwen2": (
         transformers.Qwen2Config,
         transformers.Qwen2ForCausalLM,
@@ -81,13 +92,47 @@ def test_architectures_match_transformers(name, tmp_path):
     assert (tmp_path / "model.safetensors.index.json").exists()
     ours, cfg = load_transformer(tmp_path, base_dtype=torch.float32)
     assert cfg.qk_norm == (name == "qwen3")
-    assert cfg.attention_bias == (name in ("llama3-rope-bias", "qwen2"))
+    assert cfg.attention_bias == (name in ("llama3-rope-bias", "qwen2", "qwen2-window"))
+    windows = {"mistral": (4096, 4096), "mistral-window": (7, 7), "qwen2-window": (None, 6)}
+    assert cfg.sliding_windows == windows.get(name)  # MistralConfig's default window is 4096
     assert (cfg.rope_scaling is not None) == (name == "llama3-rope-bias")
     # long enough to reach the llama3-scaled low frequencies (original context 16)
     ids = torch.randint(0, 96, (3, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = theirs(ids).logits
         torch.testing.assert_close(ours.unembed(ours(ids)), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["mistral-window", "qwen2-window"])
+def test_sliding_window_kv_cache_decode_matches_transformers(name, tmp_path):
+    """Prefill, a chunk appended to the cache, then one-token steps, all past the window:
+    each position's logits equal transformers' over the whole sequence."""
+    theirs = random_hf_model(name, tmp_path)
+    ours, cfg = load_transformer(tmp_path, base_dtype=torch.float32)
+    ids = torch.randint(0, 96, (2, 30), generator=torch.Generator().manual_seed(1))
+    cache = KVCache(cfg, 2, max_len=30, dtype=torch.float32)
+    with torch.no_grad():
+        expected = theirs(ids).logits
+        pieces = [ours(ids[:, :12], kv_cache=cache), ours(ids[:, 12:20], kv_cache=cache)]
+        pieces += [ours(ids[:, t : t + 1], kv_cache=cache) for t in range(20, 30)]
+        got = ours.unembed(torch.cat(pieces, dim=1))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_sliding_window_config_reading():
+    from bios.server.engine.model import _sliding_windows
+
+    base = dict(num_hidden_layers=4, sliding_window=16)
+    assert _sliding_windows("mistral", base) == (16,) * 4
+    assert _sliding_windows("mistral", {**base, "sliding_window": None}) is None
+    assert _sliding_windows("qwen2", base) is None  # use_sliding_window defaults to off
+    qwen = {**base, "use_sliding_window": True, "max_window_layers": 2}
+    assert _sliding_windows("qwen3", qwen) == (None, None, 16, 16)
+    types = ["full_attention", "sliding_attention"] * 2
+    assert _sliding_windows("qwen2", {**qwen, "layer_types": types}) == (None, 16, None, 16)
+    assert _sliding_windows("llama", base) is None  # transformers' Llama has no window
+    with pytest.raises(ValueError, match="layer_types has 3 entries for 4 layers"):
+        _sliding_windows("mistral", {**base, "layer_types": types[:3]})
 
 
 def test_unsupported_arch_names_the_supported_ones():

@@ -9,8 +9,10 @@ and "lm_head".
 
 Dtypes: the frozen base weights live in `base_dtype` (bf16 by default). The residual stream,
 norms and rotary embeddings run in fp32; linears cast their input to the weight dtype, so run
-under `torch.autocast(device_type, dtype=torch.bfloat16)` for speed. Mistral's (and Qwen2's
-optional) sliding-window attention is not applied: attention is always full causal.
+under `torch.autocast(device_type, dtype=torch.bfloat16)` for speed. Sliding-window
+attention (Mistral's `sliding_window`; Qwen2/Qwen3 with `use_sliding_window`, from layer
+`max_window_layers` on, or per config `layer_types`) lets a query at position i see keys at
+i - window < j <= i, as transformers does.
 """
 
 from __future__ import annotations
@@ -54,6 +56,11 @@ class ModelConfig:
     qk_norm: bool  # Qwen3: RMSNorm over head_dim on q and k before rope
     o_proj_bias: bool = False
     mlp_bias: bool = False
+    # per layer: the sliding attention window, or None for full causal attention
+    sliding_windows: tuple[int | None, ...] | None = None
+
+    def window(self, layer: int) -> int | None:
+        return None if self.sliding_windows is None else self.sliding_windows[layer]
 
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any]) -> ModelConfig:
@@ -75,6 +82,7 @@ class ModelConfig:
         num_heads = hf["num_attention_heads"]
         bias = bool(hf.get("attention_bias", False))
         return cls(
+            sliding_windows=_sliding_windows(arch, hf),
             arch=arch,
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
@@ -93,6 +101,27 @@ class ModelConfig:
             mlp_bias=bool(hf.get("mlp_bias", False)),
             qk_norm=arch == "qwen3",
         )
+
+
+def _sliding_windows(arch: str, hf: dict[str, Any]) -> tuple[int | None, ...] | None:
+    """Each layer's attention window from a config.json dict, as transformers reads it."""
+    layers = hf["num_hidden_layers"]
+    window = hf.get("sliding_window")
+    if arch == "llama" or (arch in ("qwen2", "qwen3") and not hf.get("use_sliding_window")):
+        window = None
+    if not window:
+        return None
+    if hf.get("layer_types"):
+        types = hf["layer_types"]
+        if len(types) != layers:
+            raise ValueError(f"layer_types has {len(types)} entries for {layers} layers")
+        windows = tuple(window if t == "sliding_attention" else None for t in types)
+    elif arch in ("qwen2", "qwen3"):
+        first = hf.get("max_window_layers", layers)
+        windows = tuple(window if i >= first else None for i in range(layers))
+    else:  # mistral: every layer
+        windows = (window,) * layers
+    return windows if any(w is not None for w in windows) else None
 
 
 def rope_inv_freq(cfg: ModelConfig) -> Tensor:
@@ -121,9 +150,15 @@ def rope_inv_freq(cfg: ModelConfig) -> Tensor:
 CPU_MATH_ATTENTION_MAX_LEN = 256
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Causal self-attention over q (B, H, T, D) and k, v (B, kvH, T, D), GQA-aware."""
-    if q.device.type == "cpu" and q.shape[-2] <= CPU_MATH_ATTENTION_MAX_LEN:
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int | None = None) -> Tensor:
+    """Causal self-attention over q (B, H, T, D) and k, v (B, kvH, T, D), GQA-aware; with a
+    window, query i sees keys i - window < j <= i only."""
+    n = q.shape[-2]
+    if window is not None and n > window:
+        i = torch.arange(n, device=q.device)
+        mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)  # (n, n)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    if q.device.type == "cpu" and n <= CPU_MATH_ATTENTION_MAX_LEN:
         with sdpa_kernel(SDPBackend.MATH):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
@@ -193,14 +228,16 @@ class KVCache:
 
 
 # A layer's view of the cache: k and v buffers, new tokens' slots (B, T), mask (B, 1, T, L) or
-# None when the cache was empty (plain causal attention over the new tokens).
+# None when the cache was empty (plain causal attention over the new tokens; the layer applies
+# its own window then). A cached token's slot is its position.
 LayerCache = tuple[Tensor, Tensor, Tensor, Tensor | None]
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, prefix: str):
+    def __init__(self, cfg: ModelConfig, prefix: str, window: int | None = None):
         super().__init__()
         h, d = cfg.hidden_size, cfg.head_dim
+        self.window = window
         self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
@@ -228,16 +265,19 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
         if cache is None:  # right-padded causal training pass
-            y = causal_attention(q, k, v)
+            y = causal_attention(q, k, v, self.window)
         else:
             ck, cv, slots, mask = cache
             rows = torch.arange(B, device=x.device)[:, None]
             ck[rows, :, slots] = k.transpose(1, 2).to(ck.dtype)  # (B, T, kvH, D) into slots
             cv[rows, :, slots] = v.transpose(1, 2).to(cv.dtype)
             if mask is None:  # empty cache: plain causal over the new tokens
-                y = causal_attention(q, k, v)
+                y = causal_attention(q, k, v, self.window)
             else:
                 L = mask.shape[-1]
+                if self.window is not None:  # query slot - key slot < window
+                    keys = torch.arange(L, device=x.device)
+                    mask = mask & ((slots[..., None] - keys) < self.window)[:, None]
                 ks, vs = ck[:, :, :L].to(q.dtype), cv[:, :, :L].to(q.dtype)
                 y = F.scaled_dot_product_attention(q, ks, vs, attn_mask=mask, enable_gqa=True)
         y = y.transpose(1, 2).reshape(B, T, -1)
@@ -264,7 +304,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, i: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, f"layers.{i}.self_attn.")
+        self.self_attn = Attention(cfg, f"layers.{i}.self_attn.", cfg.window(i))
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg, f"layers.{i}.mlp.")
 
@@ -307,7 +347,8 @@ class Transformer(nn.Module):
 
         Without a cache this is a causal pass over right-padded rows. With one, the tokens
         continue each row at its cached length (see KVCache). `positions` (B, T) overrides the
-        rotary positions, which default to 0..T-1 or the cached lengths onward.
+        rotary positions, which default to 0..T-1 or the cached lengths onward (a sliding
+        window counts cache slots, which are those default positions).
         """
         B, T = input_ids.shape
         device = input_ids.device
