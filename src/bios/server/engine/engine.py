@@ -100,16 +100,19 @@ class RunState:
     def holds_shared_gradient(self) -> bool:
         """Whether a gradient of this run is a row of a batched pass's shared buffer (see
         `lora._StackPacked`), which keeps every row of that buffer alive."""
-        return any(p.grad is not None and p.grad._base is not None
-                   and p.grad._base.numel() > p.grad.numel() for p in self.adapter.parameters())
+        return any(_is_shared_row(p.grad) for p in self.adapter.parameters())
 
     def own_gradients(self) -> None:
         """Copy out gradients that are rows of a shared buffer: the run then holds only its
         own memory, not the rows of every run it shared the pass with."""
         for p in self.adapter.parameters():
-            g = p.grad
-            if g is not None and g._base is not None and g._base.numel() > g.numel():
-                p.grad = g.clone()
+            if _is_shared_row(p.grad):
+                p.grad = p.grad.clone()
+
+
+def _is_shared_row(grad: Tensor | None) -> bool:
+    """A view into a larger tensor (a row of a pass's (K, size) gradient buffer)."""
+    return grad is not None and grad._base is not None and grad._base.numel() > grad.numel()
 
 
 # ----------------------------------------------------------------------------- pass packing
@@ -260,14 +263,15 @@ class Engine:
         """No work is waiting: a good time to return free host memory to the OS (a few ms).
         Returns whether any was returned. Executors call this after a lull, not between busy
         cycles, where the next pass would only fault the pages back in."""
-        self._release_shared_gradients(self._holding_rows)
+        self._release_shared_gradients()
         return self.heap.when_idle()
 
-    def _release_shared_gradients(self, run_ids: set[str]) -> None:
-        for run_id in run_ids:
+    def _release_shared_gradients(self) -> None:
+        """Copy out the rows still held by the runs in `_holding_rows`, and forget them."""
+        for run_id in self._holding_rows:
             if run_id in self.runs:
                 self.runs[run_id].own_gradients()
-        self._holding_rows -= run_ids
+        self._holding_rows = set()
 
     # ------------------------------------------------------------------------- cycle
 
@@ -321,7 +325,7 @@ class Engine:
                 kinds[step.kind] += 1
                 runs.add(step.run_id)
                 compute_ms[step.run_id] += (time.perf_counter() - t0) * 1000.0
-        self._release_shared_gradients(self._holding_rows)  # held since the last cycle
+        self._release_shared_gradients()  # held since the last cycle
         self._holding_rows = {r for r in runs
                               if r in self.runs and self.runs[r].holds_shared_gradient()}
         engine_ms = (time.perf_counter() - start) * 1000.0
