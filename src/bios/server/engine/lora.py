@@ -49,6 +49,12 @@ def peft_key(key: str) -> str:
     return "base_model.model." + (key if key == "lm_head" else "model." + key)
 
 
+def matmul_dtype(device: torch.device, default: torch.dtype) -> torch.dtype:
+    """The dtype matmuls on `device` run in here: autocast's if it is on, else `default`."""
+    on = torch.is_autocast_enabled(device.type)
+    return torch.get_autocast_dtype(device.type) if on else default
+
+
 def as_input(x: Tensor, weight: Tensor) -> Tensor:
     """x in the weight's dtype, unless autocast is about to cast both (skip a round trip)."""
     if x.dtype == weight.dtype or torch.is_autocast_enabled(x.device.type):
@@ -293,9 +299,7 @@ class LoRABatch:
         """(A, B) for a packed key: (in, r), (r, out) for one adapter, else (K, in, rmax),
         (K, rmax, out) with zero-padded ranks and zeros for adapters without the target."""
         if self._stacked is None:
-            device = self.adapters[0].device.type
-            dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
-                     else self.adapters[0].packed.dtype)
+            dtype = matmul_dtype(self.adapters[0].device, self.adapters[0].packed.dtype)
             stacked = _StackPacked.apply(
                 self.layout, [a.layout for a in self.adapters], dtype,
                 *(a.packed for a in self.adapters))
@@ -330,11 +334,9 @@ class LoRABatch:
         if x.shape[0] != self.num_rows:
             raise ValueError(f"pass has {x.shape[0]} rows, LoRABatch routes {self.num_rows}")
         if key in self.loop_keys:  # the delta alone: added to zeros of the matmuls' dtype
-            device = x.device.type
-            dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
-                     else x.dtype)
             out = next(a.weights[key][1].shape[1] for a in self.adapters if key in a.weights)
-            return self.add_to(key, x, x.new_zeros(*x.shape[:-1], out, dtype=dtype))
+            zeros = x.new_zeros(*x.shape[:-1], out, dtype=matmul_dtype(x.device, x.dtype))
+            return self.add_to(key, x, zeros)
         A, B = self._weights(key)
         if len(self.adapters) == 1:
             return ((as_input(x, A) @ A) * self.adapters[0].scaling) @ B
