@@ -150,15 +150,18 @@ def rope_inv_freq(cfg: ModelConfig) -> Tensor:
 CPU_MATH_ATTENTION_MAX_LEN = 256
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int | None = None) -> Tensor:
-    """Causal self-attention over q (B, H, T, D) and k, v (B, kvH, T, D), GQA-aware; with a
-    window, query i sees keys i - window < j <= i only."""
-    n = q.shape[-2]
-    if window is not None and n > window:
-        i = torch.arange(n, device=q.device)
-        mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)  # (n, n)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    if q.device.type == "cpu" and n <= CPU_MATH_ATTENTION_MAX_LEN:
+def banded_causal_mask(n: int, window: int, device: torch.device) -> Tensor:
+    """(n, n) bool: query i sees keys i - window < j <= i (sliding-window causal attention)."""
+    i = torch.arange(n, device=device)
+    return (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, band: Tensor | None = None) -> Tensor:
+    """Causal self-attention over q (B, H, T, D) and k, v (B, kvH, T, D), GQA-aware; `band`
+    (T, T), from `banded_causal_mask`, for a sliding window narrower than T."""
+    if band is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=band, enable_gqa=True)
+    if q.device.type == "cpu" and q.shape[-2] <= CPU_MATH_ATTENTION_MAX_LEN:
         with sdpa_kernel(SDPBackend.MATH):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
@@ -227,17 +230,16 @@ class KVCache:
         return self.lengths[:, None] + torch.arange(num_new, device=self.lengths.device)
 
 
-# A layer's view of the cache: k and v buffers, new tokens' slots (B, T), mask (B, 1, T, L) or
-# None when the cache was empty (plain causal attention over the new tokens; the layer applies
-# its own window then). A cached token's slot is its position.
+# A layer's view of the cache: k and v buffers, new tokens' slots (B, T), mask (B, 1, T, L),
+# with the layer's sliding window applied, or None when the cache was empty (causal attention
+# over the new tokens). A cached token's slot is its position.
 LayerCache = tuple[Tensor, Tensor, Tensor, Tensor | None]
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, prefix: str, window: int | None = None):
+    def __init__(self, cfg: ModelConfig, prefix: str):
         super().__init__()
         h, d = cfg.hidden_size, cfg.head_dim
-        self.window = window
         self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
@@ -254,7 +256,10 @@ class Attention(nn.Module):
         sin: Tensor,
         lora: LoRABatch | None,
         cache: LayerCache | None,
+        band: Tensor | None,
     ) -> Tensor:
+        """`band`: this layer's sliding-window mask over the new tokens (see causal_attention),
+        or None; used when no cached token takes part."""
         B, T, _ = x.shape
         p = self.prefix
         q = linear(self.q_proj, p + "q_proj", x, lora).view(B, T, -1, self.head_dim)
@@ -265,19 +270,16 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
         if cache is None:  # right-padded causal training pass
-            y = causal_attention(q, k, v, self.window)
+            y = causal_attention(q, k, v, band)
         else:
             ck, cv, slots, mask = cache
             rows = torch.arange(B, device=x.device)[:, None]
             ck[rows, :, slots] = k.transpose(1, 2).to(ck.dtype)  # (B, T, kvH, D) into slots
             cv[rows, :, slots] = v.transpose(1, 2).to(cv.dtype)
-            if mask is None:  # empty cache: plain causal over the new tokens
-                y = causal_attention(q, k, v, self.window)
+            if mask is None:  # empty cache: causal over the new tokens
+                y = causal_attention(q, k, v, band)
             else:
                 L = mask.shape[-1]
-                if self.window is not None:  # query slot - key slot < window
-                    keys = torch.arange(L, device=x.device)
-                    mask = mask & ((slots[..., None] - keys) < self.window)[:, None]
                 ks, vs = ck[:, :, :L].to(q.dtype), cv[:, :, :L].to(q.dtype)
                 y = F.scaled_dot_product_attention(q, ks, vs, attn_mask=mask, enable_gqa=True)
         y = y.transpose(1, 2).reshape(B, T, -1)
@@ -304,7 +306,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, i: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, f"layers.{i}.self_attn.", cfg.window(i))
+        self.self_attn = Attention(cfg, f"layers.{i}.self_attn.")
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg, f"layers.{i}.mlp.")
 
@@ -315,8 +317,9 @@ class Block(nn.Module):
         sin: Tensor,
         lora: LoRABatch | None,
         cache: LayerCache | None,
+        band: Tensor | None = None,
     ) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, lora, cache)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, lora, cache, band)
         return x + self.mlp(self.post_attention_layernorm(x), lora)
 
 
@@ -367,10 +370,21 @@ class Transformer(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
         cos, sin = emb.cos(), emb.sin()
 
+        # Sliding-window masks, once per pass for each distinct window (not per layer): over
+        # the new tokens (only for windows narrower than T), and over the cache slots.
+        windows = set(self.cfg.sliding_windows or ()) - {None}
+        bands = {w: banded_causal_mask(T, w, device) for w in windows if w < T}
+        masks: dict[int | None, Tensor | None] = {None: mask}
+        if mask is not None:
+            keys = torch.arange(mask.shape[-1], device=device)
+            masks |= {w: mask & ((slots[..., None] - keys) < w)[:, None] for w in windows}
+
         x = self.embed_tokens(input_ids).float()
         for i, block in enumerate(self.layers):
-            cache = None if kv_cache is None else (kv_cache.k[i], kv_cache.v[i], slots, mask)
-            x = block(x, cos, sin, lora, cache)
+            w = self.cfg.window(i)
+            cache = (None if kv_cache is None
+                     else (kv_cache.k[i], kv_cache.v[i], slots, masks.get(w, mask)))
+            x = block(x, cos, sin, lora, cache, bands.get(w))
         if kv_cache is not None:
             kv_cache.lengths = kv_cache.lengths + T
         return self.norm(x)
