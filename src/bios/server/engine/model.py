@@ -374,10 +374,10 @@ class Transformer(nn.Module):
         # the new tokens (only for windows narrower than T), and over the cache slots.
         windows = set(self.cfg.sliding_windows or ()) - {None}
         bands = {w: banded_causal_mask(T, w, device) for w in windows if w < T}
-        masks: dict[int | None, Tensor | None] = {None: mask}
+        masks: dict[int, Tensor] = {}  # a layer without a window here takes `mask` itself
         if mask is not None:
             keys = torch.arange(mask.shape[-1], device=device)
-            masks |= {w: mask & ((slots[..., None] - keys) < w)[:, None] for w in windows}
+            masks = {w: mask & ((slots[..., None] - keys) < w)[:, None] for w in windows}
 
         x = self.embed_tokens(input_ids).float()
         for i, block in enumerate(self.layers):
