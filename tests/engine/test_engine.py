@@ -263,6 +263,25 @@ def test_a_gradient_kept_past_its_cycle_holds_only_its_own_memory(small, release
 # ----------------------------------------------------------------------------- isolation
 
 
+def test_a_row_of_this_cycles_pass_is_not_copied_out(small):
+    """The copy-out is for rows held one cycle past their pass. Runs that step and run their
+    next batched pass in the following cycle hold rows of the new buffer, which wait their own
+    cycle: copying those out on every cycle would cost a copy per run per step for nothing."""
+    engine = make_engine(small)
+    for seed, r in enumerate("xy"):
+        execute(engine, create(r, 4, seed=seed))
+    ops = [fb(f"fb-{r}", r, [datum(9, seed)]) for seed, r in enumerate("xy")]
+    execute(engine, PassGroup(ops))
+    first = engine.runs["x"].adapter.packed.grad._base
+    execute(engine, step("x"), step("y"), PassGroup(ops))
+    for r in "xy":
+        assert engine.runs[r].holds_shared_gradient()  # the new pass's row, not a copy of it
+        assert engine.runs[r].adapter.packed.grad._base is not first
+    execute(engine, step("x", 1))  # y holds its row one cycle on: copied out now
+    assert engine.runs["y"].adapter.packed.grad is not None
+    assert not engine.runs["y"].holds_shared_gradient()
+
+
 def test_runs_are_isolated(small):
     engine = make_engine(small)
     warm_up(engine, "ab")

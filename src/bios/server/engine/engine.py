@@ -15,8 +15,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import weakref
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, overload
@@ -97,16 +98,20 @@ class RunState:
         for p in self.adapter.parameters():
             p.grad = None
 
-    def holds_shared_gradient(self) -> bool:
-        """Whether a gradient of this run is a row of a batched pass's shared buffer (see
-        `lora._StackPacked`), which keeps every row of that buffer alive."""
-        return any(_is_shared_row(p.grad) for p in self.adapter.parameters())
+    def shared_gradient_buffers(self) -> list[Tensor]:
+        """The batched passes' shared buffers (see `lora._StackPacked`) that a gradient of this
+        run is a row of; holding a row keeps every row of its buffer alive."""
+        return [p.grad._base for p in self.adapter.parameters() if _is_shared_row(p.grad)]
 
-    def own_gradients(self) -> None:
-        """Copy out gradients that are rows of a shared buffer: the run then holds only its
-        own memory, not the rows of every run it shared the pass with."""
+    def holds_shared_gradient(self) -> bool:
+        return bool(self.shared_gradient_buffers())
+
+    def own_gradients(self, of: Collection[Tensor] | None = None) -> None:
+        """Copy out gradients that are rows of a shared buffer (only of the buffers in `of`,
+        by identity, if given): the run then holds only its own memory, not the rows of every
+        run it shared the pass with."""
         for p in self.adapter.parameters():
-            if _is_shared_row(p.grad):
+            if _is_shared_row(p.grad) and (of is None or any(p.grad._base is b for b in of)):
                 p.grad = p.grad.clone()
 
 
@@ -215,10 +220,12 @@ class Engine:
         self.tokenizer_path: Path | None = None  # for the sampler's stop strings
         self._sampler: Sampler | None = None
         self.runs: dict[str, RunState] = {}
-        # Runs that ended a cycle holding a row of a shared gradient buffer. Most runs step in
-        # the same or the next cycle, which frees it; a run still holding it one cycle later,
-        # or when the engine falls idle, gets its row copied out (`RunState.own_gradients`).
-        self._holding_rows: set[str] = set()
+        # Runs that ended a cycle holding a row of a shared gradient buffer, and (weakly) those
+        # buffers. Most runs step in the same or the next cycle, which frees the row; a run
+        # still holding a row of the same buffer one cycle later, or when the engine falls
+        # idle, gets it copied out (`RunState.own_gradients`). A row of a newer buffer (the run
+        # stepped, then ran another pass) waits its own cycle.
+        self._holding_rows: dict[str, list[weakref.ref[Tensor]]] = {}
 
     @classmethod
     def from_model_dir(
@@ -267,11 +274,13 @@ class Engine:
         return self.heap.when_idle()
 
     def _release_shared_gradients(self) -> None:
-        """Copy out the rows still held by the runs in `_holding_rows`, and forget them."""
-        for run_id in self._holding_rows:
-            if run_id in self.runs:
-                self.runs[run_id].own_gradients()
-        self._holding_rows = set()
+        """Copy out the rows of the buffers in `_holding_rows` that their runs still hold, and
+        forget them."""
+        for run_id, refs in self._holding_rows.items():
+            buffers = [b for b in (ref() for ref in refs) if b is not None]
+            if buffers and run_id in self.runs:
+                self.runs[run_id].own_gradients(of=buffers)
+        self._holding_rows = {}
 
     # ------------------------------------------------------------------------- cycle
 
@@ -326,8 +335,8 @@ class Engine:
                 runs.add(step.run_id)
                 compute_ms[step.run_id] += (time.perf_counter() - t0) * 1000.0
         self._release_shared_gradients()  # held since the last cycle
-        self._holding_rows = {r for r in runs
-                              if r in self.runs and self.runs[r].holds_shared_gradient()}
+        held = {r: self.runs[r].shared_gradient_buffers() for r in runs if r in self.runs}
+        self._holding_rows = {r: [weakref.ref(b) for b in bufs] for r, bufs in held.items() if bufs}
         engine_ms = (time.perf_counter() - start) * 1000.0
         mem = self.heap.after_work()
         stats = CycleStats(
