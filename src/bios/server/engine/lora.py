@@ -69,6 +69,13 @@ def as_input(x: Tensor, weight: Tensor) -> Tensor:
 LOOP_KEYS: frozenset[str] = frozenset({"lm_head"})
 
 
+# A segment of fewer rows gets its unembedding delta as a matmul, then an add: in-place `addmm_`
+# on a short row block (bf16, 64 rows x 49k columns, rank 32) was the slower of the two by about
+# 0.15 ms per segment in the mixed pass, about 1.2 ms of an 8-adapter 512-token pass (2-core
+# EPYC, AVX512-BF16), and faster only from about 128 rows (docs/benchmarks.md, Mixing).
+ADDMM_MIN_ROWS = 128
+
+
 @dataclass(frozen=True)
 class PackedLayout:
     """Where each packed target's A (in, r) and B (r, out) sit in a 1-D buffer: A, then B,
@@ -416,8 +423,9 @@ class _AddRowDeltas(torch.autograd.Function):
 
     Operands come in threes per segment: u (rows, ..., r), the fp32 leaf B (r, out) that
     receives the gradient, and B already cast to y's dtype (`Adapter.cast_b`). Each delta goes
-    straight into y's rows with one `addmm_`, and backward hands y's gradient through
-    untouched: no delta-sized temporary, no concatenation, no extra add.
+    straight into y's rows with one `addmm_` (a segment under `ADDMM_MIN_ROWS` rows: a matmul,
+    then an add), and backward hands y's gradient through untouched: no concatenation, no
+    pass-sized temporary.
     """
 
     @staticmethod
@@ -425,7 +433,11 @@ class _AddRowDeltas(torch.autograd.Function):
         saved = []
         for (a, b), u, B_cast in zip(bounds, operands[0::3], operands[2::3], strict=True):
             u_ = u.to(y.dtype)
-            y[a:b].view(-1, y.shape[-1]).addmm_(u_.reshape(-1, u_.shape[-1]), B_cast)
+            rows, u2 = y[a:b].view(-1, y.shape[-1]), u_.reshape(-1, u_.shape[-1])
+            if rows.shape[0] < ADDMM_MIN_ROWS:
+                rows.add_(u2 @ B_cast)
+            else:
+                rows.addmm_(u2, B_cast)
             saved += [u_, B_cast]
         ctx.mark_dirty(y)
         ctx.save_for_backward(*saved)
