@@ -333,25 +333,31 @@ def test_row_lora_adds_unembedding_deltas_in_the_logits_dtype(tiny_fp32):
         torch.testing.assert_close(out[i], alone[i][0])
 
 
-def test_unembedding_deltas_of_short_and_long_segments_match_the_dense_formula(tiny_fp32):
-    """`add_to` adds a short segment's delta as a matmul and an add, a long one (from
-    ADDMM_MIN_ROWS rows) with addmm_: both give `y + (x @ A) * scale @ B`, and the same
-    gradients for A, B and x."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unembedding_deltas_of_short_and_long_segments_match_the_dense_formula(tiny_fp32, dtype):
+    """`add_to` adds a long segment's delta (from ADDMM_MIN_ROWS rows) with addmm_ and, in bf16
+    on a CPU, a short one as a matmul and an add: both give `y + (x @ A) * scale @ B`, and the
+    same gradients for A, B and x."""
     from bios.server.engine.lora import ADDMM_MIN_ROWS
 
     _, cfg = tiny_fp32
     a, b = (nonzero_b(Adapter.init(cfg, AdapterSpec(rank=4, seed=i), "cpu"), seed=i)
             for i in range(2))
     rows = [3, ADDMM_MIN_ROWS + 5]
+    bounds = [(0, 3), (3, sum(rows))]
     x = torch.randn(sum(rows), cfg.hidden_size, requires_grad=True)
-    y = torch.randn(sum(rows), cfg.vocab_size)
-    got = LoRABatch.build([a, b], rows, 1).add_to("lm_head", x, y.clone())
-    want = torch.cat([y[s:e] + (x[s:e] @ ad.weights["lm_head"][0]) * ad.scaling
-                      @ ad.weights["lm_head"][1]
-                      for ad, (s, e) in zip([a, b], [(0, 3), (3, sum(rows))], strict=True)])
-    torch.testing.assert_close(got, want)
+    y = torch.randn(sum(rows), cfg.vocab_size).to(dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        got = LoRABatch.build([a, b], rows, 1).add_to("lm_head", x, y.clone())
+        want = torch.cat([y[s:e] + (x[s:e] @ ad.weights["lm_head"][0]) * ad.scaling
+                          @ ad.weights["lm_head"][1]
+                          for ad, (s, e) in zip([a, b], bounds, strict=True)])
+    assert got.dtype == dtype
+    tol = {} if dtype == torch.float32 else {"atol": 0.05, "rtol": 0.02}
+    torch.testing.assert_close(got, want, **tol)
     leaves = [x, *a.weights["lm_head"], *b.weights["lm_head"]]
-    weight = torch.randn_like(y)
-    for g_got, g_want in zip(torch.autograd.grad((got * weight).sum(), leaves),
-                             torch.autograd.grad((want * weight).sum(), leaves), strict=True):
-        torch.testing.assert_close(g_got, g_want)
+    weight = torch.randn_like(y, dtype=torch.float32)
+    for g_got, g_want in zip(torch.autograd.grad((got.float() * weight).sum(), leaves),
+                             torch.autograd.grad((want.float() * weight).sum(), leaves),
+                             strict=True):
+        torch.testing.assert_close(g_got, g_want, **tol)

@@ -69,11 +69,17 @@ def as_input(x: Tensor, weight: Tensor) -> Tensor:
 LOOP_KEYS: frozenset[str] = frozenset({"lm_head"})
 
 
-# A segment of fewer rows gets its unembedding delta as a matmul, then an add: in-place `addmm_`
-# on a short row block (bf16, 64 rows x 49k columns, rank 32) was the slower of the two by about
-# 0.15 ms per segment in the mixed pass, about 1.2 ms of an 8-adapter 512-token pass (2-core
-# EPYC, AVX512-BF16), and faster only from about 128 rows (docs/benchmarks.md, Mixing).
+# On a CPU in bf16, a segment of fewer rows gets its unembedding delta as a matmul, then an add:
+# in-place `addmm_` on a short row block (64 rows x 49k columns, rank 32) was the slower of the
+# two by about 0.15 ms per segment in the mixed pass, about 1.2 ms of an 8-adapter 512-token
+# pass (2-core EPYC, AVX512-BF16), and faster only from about 128 rows. In fp32 `addmm_` was
+# the faster at any size (docs/benchmarks.md, Mixing); a GPU was not measured.
 ADDMM_MIN_ROWS = 128
+
+
+def _short_block_matmul_first(rows: Tensor) -> bool:
+    return (rows.shape[0] < ADDMM_MIN_ROWS and rows.dtype == torch.bfloat16
+            and rows.device.type == "cpu")
 
 
 @dataclass(frozen=True)
@@ -423,9 +429,9 @@ class _AddRowDeltas(torch.autograd.Function):
 
     Operands come in threes per segment: u (rows, ..., r), the fp32 leaf B (r, out) that
     receives the gradient, and B already cast to y's dtype (`Adapter.cast_b`). Each delta goes
-    straight into y's rows with one `addmm_` (a segment under `ADDMM_MIN_ROWS` rows: a matmul,
-    then an add), and backward hands y's gradient through untouched: no concatenation, no
-    pass-sized temporary.
+    straight into y's rows with one `addmm_` (a short bf16 segment on a CPU: a matmul, then
+    an add; see `ADDMM_MIN_ROWS`), and backward hands y's gradient through untouched: no
+    concatenation, no pass-sized temporary.
     """
 
     @staticmethod
@@ -434,7 +440,7 @@ class _AddRowDeltas(torch.autograd.Function):
         for (a, b), u, B_cast in zip(bounds, operands[0::3], operands[2::3], strict=True):
             u_ = u.to(y.dtype)
             rows, u2 = y[a:b].view(-1, y.shape[-1]), u_.reshape(-1, u_.shape[-1])
-            if rows.shape[0] < ADDMM_MIN_ROWS:
+            if _short_block_matmul_first(rows):
                 rows.add_(u2 @ B_cast)
             else:
                 rows.addmm_(u2, B_cast)
