@@ -104,14 +104,15 @@ class RunState:
         return [p.grad._base for p in self.adapter.parameters() if _is_shared_row(p.grad)]
 
     def holds_shared_gradient(self) -> bool:
+        """Whether any gradient of this run is a row of a shared buffer."""
         return bool(self.shared_gradient_buffers())
 
-    def own_gradients(self, of: Collection[Tensor] | None = None) -> None:
-        """Copy out gradients that are rows of a shared buffer (only of the buffers in `of`,
-        by identity, if given): the run then holds only its own memory, not the rows of every
-        run it shared the pass with."""
+    def own_gradients(self, of: Collection[Tensor]) -> None:
+        """Copy out gradients that are rows of the shared buffers in `of` (by identity): the
+        run then holds only its own memory, not the rows of every run it shared the pass
+        with."""
         for p in self.adapter.parameters():
-            if _is_shared_row(p.grad) and (of is None or any(p.grad._base is b for b in of)):
+            if _is_shared_row(p.grad) and any(p.grad._base is b for b in of):
                 p.grad = p.grad.clone()
 
 
