@@ -525,3 +525,37 @@ def test_adapter_load_failure_fails_alone(tiny, make_sampler):
     )
     assert results["base"].ok
     assert not results["lora"].ok and results["lora"].category == "server"
+
+
+def test_streamed_requests_report_their_tokens_so_far(tiny, make_sampler):
+    """A `stream` request's tokens so far come back after every plan, per sample; a request
+    that is not streamed, or that finished, is not reported."""
+    streamed = op("s", random_prompt(5, 30), 12, temperature=0.0, num_samples=2, stream=True)
+    quiet = op("q", random_prompt(5, 31), 12, temperature=0.0)
+    sampler = make_sampler()
+    first = sampler.execute(SamplePlan([streamed, quiet], max_decode_steps=4))
+    assert set(first.partial) == {"s"}
+    assert [len(t) for t in first.partial["s"]] == [5, 5]  # the first token, then 4 steps
+    second = sampler.execute(SamplePlan([], max_decode_steps=3))
+    assert [t[:5] for t in second.partial["s"]] == first.partial["s"]
+    last = sampler.execute(SamplePlan([], max_decode_steps=1000))
+    assert last.partial == {}
+    final = {r.request_id: r for r in last.finished}["s"]
+    assert [s["tokens"][:8] for s in sequences(final)] == second.partial["s"]
+
+
+def test_cancel_drops_a_request_and_keeps_the_others(tiny, make_sampler):
+    """A cancelled request fails at once (category user) and frees its rows; the request
+    decoding beside it gives the same tokens as alone; unknown ids are ignored."""
+    keep = op("keep", random_prompt(6, 40), 10, temperature=0.0)
+    drop = op("drop", random_prompt(6, 41), 50, temperature=0.0, num_samples=3)
+    sampler = make_sampler()
+    sampler.execute(SamplePlan([keep, drop], max_decode_steps=2))
+    assert sampler.num_rows == 4
+    res = sampler.execute(SamplePlan([], max_decode_steps=1000, cancel=("drop", "nope")))
+    by_id = {r.request_id: r for r in res.finished}
+    assert not by_id["drop"].ok and "cancelled" in (by_id["drop"].error or "")
+    assert by_id["drop"].category == "user"
+    assert by_id["keep"].ok and res.active == 0 and sampler.num_rows == 0
+    assert_same_sequences(by_id["keep"], run_all(make_sampler(), [keep])["keep"])
+    assert res.decode_steps == 7  # keep's last 7 of 10 (1 at seating + 2 steps): not 50

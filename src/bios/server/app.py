@@ -24,6 +24,7 @@ from bios import types as T
 from bios.server.auth import KeyRing
 from bios.server.config import ServerConfig
 from bios.server.http_guard import RequestGuard, error_response
+from bios.server.openai_api import OpenAIRoutes
 from bios.server.service import BiosService
 from bios.server.validation import APIError
 
@@ -84,7 +85,13 @@ def create_app(config: ServerConfig, service: BiosService | None = None) -> Fast
     """Build the FastAPI app; the service starts (models load) in the app's lifespan."""
     waiters = Waiters()
     svc = service or BiosService(config, notify=waiters.notify_threadsafe)
-    svc.notify = waiters.notify_threadsafe
+    openai_routes = OpenAIRoutes(svc, owner_of)
+
+    def notify(finished: dict[str, str | None]) -> None:
+        waiters.notify_threadsafe(finished)
+        openai_routes.notify(finished)
+
+    svc.notify = notify
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -322,4 +329,7 @@ def create_app(config: ServerConfig, service: BiosService | None = None) -> Fast
     def tokenizer(base_model: str) -> dict[str, Any]:
         return svc.tokenizer_files(base_model)
 
+    # OpenAI-compatible sampling at Tinker's path, and at /v1 where OpenAI clients look.
+    for prefix in ("/oai/api/v1", "/v1"):
+        app.include_router(openai_routes.router(), prefix=prefix)
     return app

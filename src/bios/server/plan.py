@@ -213,15 +213,20 @@ class SampleOp:
     stop_strings: list[str] = field(default_factory=list)
     prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
+    stream: bool = False  # report its tokens so far after every plan (SampleResult.partial)
 
 
 @dataclass(frozen=True)
 class SamplePlan:
     """Admit new sample requests into the running decode batch, then run up to
-    `max_decode_steps` decode steps (fewer if every sequence finishes)."""
+    `max_decode_steps` decode steps (fewer if every sequence finishes).
+
+    `cancel` names requests to stop (their clients went away): each still unfinished fails
+    with a "cancelled" error before any decoding; unknown ids are ignored."""
 
     admit: list[SampleOp]
     max_decode_steps: int
+    cancel: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -231,3 +236,5 @@ class SampleResult:
     decode_steps: int = 0
     tokens: int = 0  # tokens generated (all rows) during this plan
     engine_ms: float = 0.0
+    # streamed requests still unfinished -> the tokens of each of their samples so far
+    partial: dict[str, list[list[int]]] = field(default_factory=dict)

@@ -182,7 +182,8 @@ class ClockLoop:
                  notify: Callable[[dict[str, str | None]], None], cycle_ids: Callable[[], int],
                  state_dir: str | Path | None = None, snapshot_steps: int = 50,
                  snapshot_seconds: float = 120.0,
-                 unload_idle_s: float = 0.0):
+                 unload_idle_s: float = 0.0,
+                 on_sample_progress: Callable[[dict[str, list[list[int]]]], None] | None = None):
         self.base_model = base_model
         self.store = store
         self.executor = executor
@@ -209,6 +210,11 @@ class ClockLoop:
         self._last_active: dict[str, float] = {}  # run -> monotonic time of its last claim
         self._dirty: set[str] = set()  # runs holding gradients no optim_step has consumed
         self._last_unload_check = 0.0
+        # Streaming: the tokens so far of streamed samples go to on_sample_progress after
+        # every chunk; cancelled sample requests (id -> when) are dropped at the next chunk.
+        self.on_sample_progress = on_sample_progress
+        self._sample_cancels: dict[str, float] = {}
+        self._cancel_lock = threading.Lock()
 
     def start(self) -> None:
         self._thread.start()
@@ -221,6 +227,20 @@ class ClockLoop:
     def wake(self) -> None:
         """Called after a submit: in continuous mode, start a cycle now if idle."""
         self._wake.set()
+
+    def cancel_sample(self, request_id: str) -> None:
+        """Stop generating for a sample request (from any thread): it fails as cancelled at
+        the next decode chunk. A cancel waits up to a minute for a request not yet admitted."""
+        with self._cancel_lock:
+            self._sample_cancels[request_id] = time.monotonic()
+        self._wake.set()
+
+    def _pending_cancels(self) -> tuple[str, ...]:
+        with self._cancel_lock:
+            now = time.monotonic()
+            for rid in [r for r, t in self._sample_cancels.items() if now - t > 60.0]:
+                del self._sample_cancels[rid]
+            return tuple(self._sample_cancels)
 
     def _run(self) -> None:
         next_tick = time.monotonic()
@@ -256,7 +276,8 @@ class ClockLoop:
             return False
         claimed = self.store.claim_samples(self.base_model, limit=self.max_admit)
         admit = [P.SampleOp(request_id=r.id, **r.payload["sample_op"]) for r in claimed]
-        sample_plan = P.SamplePlan(admit=admit, max_decode_steps=self.decode_chunk)
+        sample_plan = P.SamplePlan(admit=admit, max_decode_steps=self.decode_chunk,
+                                   cancel=self._pending_cancels())
         try:
             res: P.SampleResult = self.executor.submit(sample_plan).result()  # type: ignore[arg-type]
         except Exception as e:
@@ -268,6 +289,12 @@ class ClockLoop:
             else Outcome(op.request_id, error=op.error or "failed", category=op.category)
             for op in res.finished])
         self._sampling_active = res.active
+        if sample_plan.cancel:
+            with self._cancel_lock:
+                for op in res.finished:
+                    self._sample_cancels.pop(op.request_id, None)
+        if res.partial and self.on_sample_progress is not None:
+            self.on_sample_progress(res.partial)
         if bodies:
             self.notify(bodies)
         return True

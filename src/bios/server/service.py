@@ -95,6 +95,8 @@ class BiosService:
         self.models: dict[str, ServedModel] = {}  # canonical name -> served model
         self.archives = ArchiveSigner(config.data_dir / SECRET_FILE)
         self.ready = False
+        # Called from clock threads with streamed samples' tokens so far (openai_api.py).
+        self.sample_progress: Any = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -125,7 +127,8 @@ class BiosService:
                               cycle_ids=self._next_cycle_id, state_dir=cfg.state_dir,
                               snapshot_steps=cfg.snapshot_steps,
                               snapshot_seconds=cfg.snapshot_seconds,
-                              unload_idle_s=cfg.unload_idle_s)
+                              unload_idle_s=cfg.unload_idle_s,
+                              on_sample_progress=self._sample_progress)
             limits = ModelLimits(int(hf["vocab_size"]), self.registry.context_length(canonical))
             self.models[canonical] = ServedModel(canonical, str(hf.get("model_type", "llama")),
                                                  limits, executor, clock)
@@ -145,6 +148,10 @@ class BiosService:
             m.executor.shutdown()
         if self.store is not None:
             self.store.close()
+
+    def _sample_progress(self, partial: dict[str, list[list[int]]]) -> None:
+        if self.sample_progress is not None:
+            self.sample_progress(partial)
 
     def _next_cycle_id(self) -> int:
         # Clock threads call this; int += under the GIL is not atomic, so guard it.
@@ -552,8 +559,13 @@ class BiosService:
         self.db.add_sampler(row)
         return T.CreateSamplingSessionResponse(sampling_session_id=sid)
 
-    def sample(self, owner: str, req: T.SampleRequest) -> T.UntypedAPIFuture:
-        """Queue a sample request against a sampler (or a base model / checkpoint path)."""
+    def sample(self, owner: str, req: T.SampleRequest, *, stream: bool = False,
+               stop_tokens: tuple[int, ...] = ()) -> T.UntypedAPIFuture:
+        """Queue a sample request against a sampler (or a base model / checkpoint path).
+
+        stream: report its tokens so far after every decode chunk (`sample_progress`);
+        stop_tokens: more stop token ids (the OpenAI routes add the model's end tokens).
+        """
         checkpoint_dir: str | None = None
         sampler_id = req.sampling_session_id
         if sampler_id:
@@ -583,6 +595,10 @@ class BiosService:
                                "sampling_session_id")
             adapter_key = f"{checkpoint_dir}@{weights.stat().st_mtime_ns}"
         op.update(adapter_key=adapter_key, adapter_dir=checkpoint_dir)
+        if stream:
+            op["stream"] = True
+        if stop_tokens:
+            op["stop_tokens"] = sorted(set(op["stop_tokens"]) | set(stop_tokens))
         try:
             rid = self.db.submit(owner=owner, run_id=None, sampler_id=sampler_id,
                                  seq_id=req.seq_id, kind="sample", base_model=served.canonical,
@@ -596,6 +612,12 @@ class BiosService:
             raise queue_full(e) from e
         served.clock.wake()
         return T.UntypedAPIFuture(request_id=rid)
+
+    def cancel_sample(self, base_model: str, request_id: str) -> None:
+        """Stop a sample request of this (canonical) base model whose client went away."""
+        served = self.models.get(base_model)
+        if served is not None:
+            served.clock.cancel_sample(request_id)
 
     def get_sampler(self, owner: str, sampler_id: str) -> T.GetSamplerResponse:
         row = self.db.get_sampler(sampler_id)

@@ -67,6 +67,10 @@ class SampleRequestError(ValueError):
     """A request the sampler cannot run as given (reported with category "user")."""
 
 
+class SampleCancelled(SampleRequestError):
+    """A request its client gave up on (`SamplePlan.cancel`)."""
+
+
 def load_sampler_adapter(
     adapter_dir: str | Path, cfg: ModelConfig, device: torch.device | str
 ) -> Adapter:
@@ -362,6 +366,9 @@ class Sampler:
                 self._enqueue(op)
             except SampleRequestError as exc:
                 finished.append(OpResult(op.request_id, ok=False, error=str(exc), category="user"))
+        cancelled = [self._unfinished[r] for r in plan.cancel if r in self._unfinished]
+        if cancelled:
+            self._fail(cancelled, SampleCancelled("cancelled: the client went away"), finished)
         steps = 0
         with torch.no_grad():
             self._admit(finished)
@@ -381,7 +388,21 @@ class Sampler:
             decode_steps=steps,
             tokens=self.counters.generated_tokens - tokens_before,
             engine_ms=(time.perf_counter() - start) * 1000.0,
+            partial=self._partial(),
         )
+
+    def _partial(self) -> dict[str, list[list[int]]]:
+        """Each unfinished streamed request's tokens so far, per sample (copies: the lists
+        go to another thread while decoding goes on)."""
+        streamed = {id(r): r for r in self._unfinished.values() if r.op.stream}
+        if not streamed:
+            return {}
+        out = {r.op.request_id: [list(r.sequences[i]["tokens"]) if i in r.sequences else []
+                                 for i in range(r.op.num_samples)] for r in streamed.values()}
+        for row in self._rows:
+            if id(row.request) in streamed:
+                out[row.request.op.request_id][row.index] = list(row.tokens)
+        return out
 
     # ------------------------------------------------------------------------- admission
 
