@@ -1,4 +1,5 @@
-"""The `bios` command: `bios serve` runs a server, `bios demo` runs the end-to-end demo.
+"""The `bios` command: `bios serve` runs a server, `bios demo` runs the end-to-end demo;
+`bios runs`, `bios checkpoints` and `bios trace` query a server (src/bios/console_cli.py).
 
 Server code is imported only inside the commands that need it, so `bios --help` works with
 the SDK alone.
@@ -137,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--data-dir", default=".bios-demo")
     demo.add_argument("--port", type=int, default=0, help="0 = pick a free port")
     demo.set_defaults(func=_demo)
+
+    from bios.console_cli import add_console_commands
+
+    add_console_commands(sub)  # runs, checkpoints, trace (src/bios/console_cli.py)
 
     args = parser.parse_args(argv)
     return int(args.func(args))

@@ -197,6 +197,11 @@ class RestClient:
     def _metrics(self, training_run_id: str) -> APIFuture[types.RunMetrics]:
         return self._get(f"/training_runs/{_seg(training_run_id)}/metrics", types.RunMetrics)
 
+    def _history(self, training_run_id: str, after_seq: int
+                 ) -> APIFuture[types.RunHistory]:
+        return self._get(f"/training_runs/{_seg(training_run_id)}/history", types.RunHistory,
+                         {"after_seq": after_seq})
+
     def _utilization(self, base_model: str | None, last: int
                      ) -> APIFuture[types.EngineUtilizationResponse]:
         params: dict[str, Any] = {"last": last}
@@ -463,6 +468,25 @@ class RestClient:
     async def get_run_metrics_async(self, training_run_id: str) -> types.RunMetrics:
         """Async version of get_run_metrics."""
         return await self._metrics(training_run_id)
+
+    def get_run_history(self, training_run_id: str, after_seq: int = -1) -> types.RunHistory:
+        """A run's requests (kind, status, when stored, claimed and finished, the cycle they
+        ran in, loss), the training cycles it had work in or missed, and its loss per step.
+
+        Args:
+            training_run_id: "<session_id>:train:<n>" (a TrainingClient's model_id).
+            after_seq: only requests with a larger seq id (for polling; -1: all, the run's
+                creation, seq 0, included).
+
+        Returns:
+            RunHistory (`requests`, `cycles`, `steps`).
+        """
+        return self._history(training_run_id, after_seq).result()
+
+    async def get_run_history_async(self, training_run_id: str, after_seq: int = -1
+                                    ) -> types.RunHistory:
+        """Async version of get_run_history."""
+        return await self._history(training_run_id, after_seq)
 
     def get_engine_utilization(self, base_model: str | None = None, last: int = 100
                                ) -> types.EngineUtilizationResponse:

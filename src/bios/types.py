@@ -570,6 +570,82 @@ class ErrorResponse(LenientModel):
     code: str | None = None
 
 
+
+class RunRequestRecord(LenientModel):
+    """One request of a run, as the run history reports it (times in unix seconds).
+
+    queue wait = started_at - created_at; the request ran in training cycle `cycle_id`.
+    `loss` is a forward/forward_backward's `loss:mean` (None for other kinds or failures).
+    """
+
+    seq_id: int
+    kind: str
+    status: str
+    created_at: float
+    started_at: float | None = None
+    completed_at: float | None = None
+    cycle_id: int | None = None
+    loss: float | None = None
+    error: str | None = None
+
+
+class RunCycleRecord(LenientModel):
+    """A training cycle the run had work in (or missed): the cycle's times and totals (every
+    run's) and the run's part (`run_tokens`, `run_ops`, `run_compute_ms`)."""
+
+    cycle_id: int
+    started_at: float
+    engine_ms: float
+    total_ms: float
+    runs: int
+    tokens: int
+    run_tokens: int = 0
+    run_ops: int = 0
+    run_compute_ms: float = 0.0
+    missed: bool = False
+
+
+class StepLoss(LenientModel):
+    """One optim_step of a run: its number (1-based), seq id, time completed, and the mean
+    `loss:mean` of the forward_backwards since the step before (None if there were none)."""
+
+    step: int
+    seq_id: int
+    time: float
+    loss: float | None = None
+
+
+class RunHistory(LenientModel):
+    """GET /training_runs/{id}/history: the run's requests (seq order) and cycles, after the
+    given seq id / cycle id (for incremental polling); `steps` is one point per completed
+    optim_step: the mean loss of the forward_backwards since the step before."""
+
+    training_run_id: str
+    requests: list[RunRequestRecord] = Field(default_factory=list)
+    cycles: list[RunCycleRecord] = Field(default_factory=list)
+    steps: list[StepLoss] = Field(default_factory=list)
+
+
+class ModelStatus(LenientModel):
+    """One served base model now: queued requests (training and sampling), the last cycle,
+    and the server process's memory (MiB; None where it cannot be read)."""
+
+    base_model: str
+    queued_training: int = 0
+    queued_samples: int = 0
+    running: int = 0
+    last_cycle_id: int | None = None
+    rss_mib: float | None = None
+    heap_in_use_mib: float | None = None
+
+
+class ServerStatus(LenientModel):
+    """GET /console/status: what the dashboard polls for queue depth and memory over time."""
+
+    time: float
+    models: list[ModelStatus] = Field(default_factory=list)
+
+
 CheckpointsListResponse.model_rebuild()
 
 __all__ = [name for name in dir() if name[0].isupper() and not name.startswith("_")] + [

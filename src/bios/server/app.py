@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response, Streamin
 from bios import types as T
 from bios.server.auth import KeyRing
 from bios.server.config import ServerConfig
+from bios.server.console_api import console_router
 from bios.server.http_guard import RequestGuard, error_response
 from bios.server.openai_api import OpenAIRoutes
 from bios.server.service import BiosService
@@ -329,6 +330,7 @@ def create_app(config: ServerConfig, service: BiosService | None = None) -> Fast
     def tokenizer(base_model: str) -> dict[str, Any]:
         return svc.tokenizer_files(base_model)
 
+    app.include_router(console_router(svc, owner_of))  # run history, status, /console
     # OpenAI-compatible sampling at Tinker's path, and at /v1 where OpenAI clients look.
     for prefix in ("/oai/api/v1", "/v1"):
         app.include_router(openai_routes.router(), prefix=prefix)

@@ -25,7 +25,9 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 LOCAL_OWNER = "local"
-OPEN_PATHS = frozenset({"/api/v1/healthz"})
+OPEN_PATHS = frozenset({"/api/v1/healthz", "/console"})
+# The dashboard's static files hold no data (the page asks for the key and sends it itself).
+CONSOLE_FILE_RE = re.compile(r"^/console/(?:static|vendor)/[A-Za-z0-9_.-]+$")
 # Signed archive downloads carry their credential in the URL (see archives.py); exactly one
 # path segment of token characters is let through without an API key.
 ARCHIVE_DOWNLOAD_RE = re.compile(r"^/api/v1/archives/[A-Za-z0-9_.-]+$")
@@ -95,7 +97,9 @@ class RequestGuard:
         if not self.keyring.enabled:
             state["owner"] = LOCAL_OWNER
             return None
-        if scope["path"] in OPEN_PATHS or ARCHIVE_DOWNLOAD_RE.fullmatch(scope["path"]):
+        path = scope["path"]
+        if path in OPEN_PATHS or ARCHIVE_DOWNLOAD_RE.fullmatch(path) \
+                or CONSOLE_FILE_RE.fullmatch(path):
             return None
         key = presented_key(headers)
         tenant = self.keyring.tenant_for(key)
