@@ -4,6 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The /console dashboard's charting library (uPlot from npm, pinned; a no-op once installed).
+./scripts/setup_console_assets.sh || echo "setup: the /console dashboard has no charts until scripts/setup_console_assets.sh succeeds" >&2
+
 VENV=.venv
 want=$(cat requirements/server.txt pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 stamp="$VENV/.bios-setup-$want"
