@@ -176,6 +176,16 @@ def test_models_lists_what_the_key_may_use(keyed_server, alice) -> None:
     assert TINY in ids_a and TINY in ids_b
     assert alice["path"] in ids_a
     assert alice["path"] not in ids_b
+    rest = alice["service"].create_rest_client()
+    rest.publish_checkpoint_from_tinker_path(alice["path"])
+    try:
+        assert alice["path"] in [m.id for m in oai(keyed_server, KEY_B).models.list()]
+        bob = oai(keyed_server, KEY_B)  # and bob may sample it now
+        assert bob.completions.create(model=alice["path"], prompt=PROMPT, max_tokens=2,
+                                      temperature=0).choices[0].text is not None
+    finally:
+        rest.unpublish_checkpoint_from_tinker_path(alice["path"])
+    assert alice["path"] not in [m.id for m in oai(keyed_server, KEY_B).models.list()]
 
 
 def test_another_tenants_checkpoint_and_bad_keys_are_refused(keyed_server, alice) -> None:

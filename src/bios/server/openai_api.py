@@ -38,8 +38,10 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
 
 from bios import types as T
+from bios.server.store import CheckpointRow
 from bios.server.validation import APIError
 
 STREAM_POLL_S = 5.0  # a streamed request re-reads its state this often if no wake-up came
@@ -71,7 +73,6 @@ class CompletionRequest(_OpenAIModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     logprobs: int | None = None
-    echo: bool = False
 
 
 class ChatMessage(_OpenAIModel):
@@ -364,7 +365,8 @@ class OpenAIRoutes:
     # ------------------------------------------------------------------ routes
 
     def models(self, request: Request) -> dict[str, Any]:
-        """The base models served, and the key's own non-ephemeral checkpoints."""
+        """The base models served, the key's own checkpoints and those other tenants
+        published."""
         owner = self.owner_of(request)
         now = int(time.time())
         data = [{"id": m.model_name, "object": "model", "created": now, "owned_by": "bios"}
@@ -379,6 +381,15 @@ class OpenAIRoutes:
             offset += len(page.training_runs)
             if not page.training_runs or offset >= (page.cursor.total_count or 0):
                 break
+        with self.svc.db.tx() as s:
+            published = s.execute(select(CheckpointRow).where(
+                CheckpointRow.public.is_(True), CheckpointRow.ephemeral.is_(False),
+                CheckpointRow.owner != owner).order_by(CheckpointRow.id)).scalars().all()
+        for ck in published:
+            seg = "weights" if ck.kind == "training" else "sampler_weights"
+            data.append({"id": f"bios://{ck.run_id}/{seg}/{ck.name}", "object": "model",
+                         "created": int(ck.created_at), "owned_by": ck.owner,
+                         "root": ck.base_model})
         return {"object": "list", "data": data}
 
     async def completions(self, request: Request, body: CompletionRequest) -> Any:
