@@ -136,6 +136,24 @@ def test_streaming_deltas_add_up_to_the_completion(keyed_server) -> None:
     assert streamed == whole_chat.choices[0].message.content
 
 
+def test_streams_of_several_prompts_and_samples(keyed_server) -> None:
+    """Choice i of prompt p streams as index p * n + i, each the non-streamed text."""
+    client = oai(keyed_server, KEY_A)
+    kw: dict[str, Any] = {"model": TINY, "prompt": [PROMPT, "Once upon"], "max_tokens": 20,
+                          "n": 2, "seed": 5, "temperature": 1.0}
+    whole = client.completions.create(**kw)
+    texts: dict[int, str] = {}
+    reasons: dict[int, str] = {}
+    for chunk in client.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+            if c.finish_reason:
+                reasons[c.index] = c.finish_reason
+    assert texts == {c.index: c.text for c in whole.choices}
+    assert reasons == {c.index: c.finish_reason for c in whole.choices}
+    assert len(set(texts.values())) == 4
+
+
 def test_stop_strings_are_cut(keyed_server) -> None:
     client = oai(keyed_server, KEY_A)
     base = client.completions.create(model=TINY, prompt=PROMPT, max_tokens=30,
