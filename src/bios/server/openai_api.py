@@ -149,6 +149,7 @@ class ModelText:
         msgs = [{"role": m.role, "content": m.text()} for m in messages]
         if self.chat_template is None:  # a model without a template: a plain transcript
             return "".join(f"{m['role']}: {m['content']}\n" for m in msgs) + "assistant:"
+        from jinja2 import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
@@ -158,9 +159,13 @@ class ModelText:
                            "messages")
 
         env.globals["raise_exception"] = raise_exception
-        return env.from_string(self.chat_template).render(
-            messages=msgs, add_generation_prompt=True, bos_token=self.bos_token,
-            eos_token=self.eos_token)
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=msgs, add_generation_prompt=True, bos_token=self.bos_token,
+                eos_token=self.eos_token)
+        except TemplateError as e:
+            raise APIError(400, f"the model's chat template cannot render these messages: {e}",
+                           "messages") from e
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
