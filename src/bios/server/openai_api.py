@@ -325,8 +325,6 @@ class OpenAIRoutes:
                 max_tokens: int, temperature: float, top_p: float, stop: list[str],
                 seed: int | None, stream: bool, chat: bool) -> list[str]:
         """One sample request per prompt; returns their request ids."""
-        if not 1 <= n <= 128:
-            raise APIError(400, f"n must be between 1 and 128, got {n}", "n")
         text = self._text(target.canonical)
         ends = text.end_tokens if chat else text.end_tokens[:1]
         ids = []
