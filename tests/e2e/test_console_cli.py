@@ -199,3 +199,26 @@ def test_server_down_is_exit_3_without_traceback() -> None:
     assert p.returncode == 3, p.stderr
     assert "Traceback" not in p.stderr and "127.0.0.1:9" in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_console_files_are_open_and_data_routes_are_not(keyed_server, run) -> None:
+    """The dashboard's fixed files need no key; nothing else under /console is served, and
+    its data routes need a key and keep tenants apart."""
+    import httpx
+
+    base = keyed_server.base_url
+    page = httpx.get(f"{base}/console", timeout=30)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert httpx.get(f"{base}/console/static/console.js", timeout=30).status_code == 200
+    for path in ("/console/static/console_api.py", "/console/static/..%2Fconsole_api.py",
+                 "/console/vendor/index.html", "/console/other"):
+        assert httpx.get(f"{base}{path}", timeout=30).status_code in (401, 404), path
+    history = f"{base}/api/v1/training_runs/{run['id']}/history"
+    assert httpx.get(f"{base}/api/v1/console/status", timeout=30).status_code == 401
+    assert httpx.get(history, timeout=30).status_code == 401
+    assert httpx.get(history, headers={"X-API-Key": KEY_B}, timeout=30).status_code == 404
+    mine = httpx.get(history, headers={"X-API-Key": KEY_A}, timeout=30).json()
+    assert [s["step"] for s in mine["steps"]] == list(range(1, STEPS + 1))
+    status = httpx.get(f"{base}/api/v1/console/status", headers={"X-API-Key": KEY_B},
+                       timeout=30).json()
+    assert status["models"][0]["base_model"] == TINY
