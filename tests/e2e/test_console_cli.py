@@ -149,6 +149,14 @@ def test_export_peft_and_merged_match_the_server(capsys, run, tmp_path) -> None:
     base = peft_logprobs(peft_dir, TOKENS, adapter=False)
     assert np.abs(merged - base).max() > 5 * PEFT_ATOL  # the adapter is really in there
     assert (merged_dir / "tokenizer.json").is_file()
+    # the adapter trains the (tied) unembedding: it was untied, the input embeddings kept
+    from safetensors.torch import load_file
+
+    assert json.loads((merged_dir / "config.json").read_text())["tie_word_embeddings"] is False
+    weights = load_file(str(merged_dir / "model.safetensors"))
+    base_weights = load_file(str(TINY_DIR / "model.safetensors"))
+    assert torch.equal(weights["model.embed_tokens.weight"].float(),
+                       base_weights["model.embed_tokens.weight"].float())
     code, _, err = cli(capsys, "checkpoints", "export", run["sampler"], "--format", "merged",
                        "-o", str(tmp_path / "m2"))
     assert code == 2 and "--base" in err
