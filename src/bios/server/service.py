@@ -78,10 +78,13 @@ def run_dir_name(run_id: str) -> str:
 
 def queue_full(e: QueueFullError) -> APIError:
     """The 429 for a full queue; its body carries the queue state (scope, queued, limit)."""
-    return APIError(429, f"{e}: {e.queued} queued, limit {e.limit} per {e.scope}. Wait for "
-                    "results before submitting more (the SDK retries this with backoff).",
-                    None, "queue_full",
-                    {"queue_state": {"scope": e.scope, "queued": e.queued, "limit": e.limit}})
+    flag = f" ({e.flag})" if e.flag else ""
+    unit = "" if e.unit == "requests" else f" {e.unit}"
+    return APIError(429, f"{e}: {e.queued}{unit} queued, limit {e.limit}{unit} per {e.scope}"
+                    f"{flag}. Wait for results before submitting more (the SDK retries this "
+                    "with backoff).", None, "queue_full",
+                    {"queue_state": {"scope": e.scope, "queued": e.queued, "limit": e.limit,
+                                     "unit": e.unit}})
 
 
 class BiosService:
@@ -120,12 +123,18 @@ class BiosService:
             engine = Engine.from_model_dir(model_dir, device=cfg.device,
                                            token_budget=cfg.token_budget)
             executor = InProcessExecutor(engine)
+            pass_tokens = int(engine.token_budget)
             clock = ClockLoop(base_model=canonical, store=self.store, executor=executor,
                               period=cfg.clock_period, notify=self.notify,
                               cycle_ids=self._next_cycle_id, state_dir=cfg.state_dir,
                               snapshot_steps=cfg.snapshot_steps,
                               snapshot_seconds=cfg.snapshot_seconds,
-                              unload_idle_s=cfg.unload_idle_s)
+                              unload_idle_s=cfg.unload_idle_s,
+                              cycle_tokens=(4 * pass_tokens if cfg.cycle_tokens is None
+                                            else cfg.cycle_tokens),
+                              cycle_seconds=cfg.cycle_seconds, split_tokens=pass_tokens,
+                              max_resident_runs=cfg.max_resident_runs,
+                              max_resident_runs_per_tenant=cfg.max_resident_runs_per_tenant)
             limits = ModelLimits(int(hf["vocab_size"]), self.registry.context_length(canonical))
             self.models[canonical] = ServedModel(canonical, str(hf.get("model_type", "llama")),
                                                  limits, executor, clock)
@@ -177,7 +186,7 @@ class BiosService:
         return run
 
     def _submit(self, owner: str, run: RunRow, seq_id: int, kind: str,
-                payload: dict[str, Any]) -> T.UntypedAPIFuture:
+                payload: dict[str, Any], tokens: int = 0) -> T.UntypedAPIFuture:
         if run.lost_reason:
             raise APIError(409, f"run {run.id!r} cannot take new work: {run.lost_reason}",
                            "model_id", "run_lost")
@@ -192,7 +201,9 @@ class BiosService:
                                           **payload},
                                  max_queued_per_run=self.config.max_queued_per_run,
                                  max_queued_total=self.config.max_queued_total,
-                                 max_queued_per_tenant=self.config.max_queued_per_tenant)
+                                 max_queued_per_tenant=self.config.max_queued_per_tenant,
+                                 tokens=tokens, max_queued_tokens_per_tenant=(
+                                     self.config.max_queued_tokens_per_tenant))
         except SeqConflictError as e:
             raise APIError(409, str(e), "seq_id", "seq_conflict") from e
         except QueueFullError as e:
@@ -283,10 +294,11 @@ class BiosService:
         forward_only = isinstance(req, T.ForwardRequest)
         inp = req.forward_input if forward_only else req.forward_backward_input  # type: ignore[union-attr]
         prefix = "forward_input" if forward_only else "forward_backward_input"
-        check_forward_backward(inp, self.models[run.canonical_model].limits,
-                               self.config.max_tokens_per_request, prefix)
+        tokens = check_forward_backward(inp, self.models[run.canonical_model].limits,
+                                        self.config.max_tokens_per_request, prefix)
         kind = "forward" if forward_only else "forward_backward"
-        return self._submit(owner, run, req.seq_id, kind, {"wire": req.model_dump(mode="json")})
+        return self._submit(owner, run, req.seq_id, kind, {"wire": req.model_dump(mode="json")},
+                            tokens=tokens)
 
     def optim_step(self, owner: str, req: T.OptimStepRequest) -> T.UntypedAPIFuture:
         run = self._owned_run(owner, req.model_id)
