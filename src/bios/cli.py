@@ -50,7 +50,9 @@ def _serve(args: argparse.Namespace) -> int:
             ("max_tokens_per_request", args.max_tokens_per_request),
             ("max_queued_tokens_per_tenant", args.max_queued_tokens_per_tenant),
             ("max_resident_runs", args.max_resident_runs),
-            ("max_resident_runs_per_tenant", args.max_resident_runs_per_tenant))
+            ("max_resident_runs_per_tenant", args.max_resident_runs_per_tenant),
+            ("max_stored_bytes_per_tenant", args.max_stored_bytes_per_tenant),
+            ("max_metadata_bytes", args.max_metadata_bytes))
             if v is not None},
     )
     logging.basicConfig(level=logging.INFO,
@@ -144,6 +146,12 @@ def main(argv: list[str] | None = None) -> int:
                        help="the same bound per tenant; a tenant with this many runs holding "
                             "unapplied gradients gets a 429 creating another (default 32; "
                             "0 = unbounded)")
+    serve.add_argument("--max-stored-bytes-per-tenant", type=int, default=None, metavar="BYTES",
+                       help="checkpoint bytes plus user_metadata one tenant may store; a save "
+                            "past it gets a 413 (default 0 = unbounded)")
+    serve.add_argument("--max-metadata-bytes", type=int, default=None, metavar="BYTES",
+                       help="user_metadata of one session or run, as JSON, before a 413 "
+                            "(default 65536)")
     serve.add_argument("--snapshot-steps", type=int, default=None, metavar="N",
                        help="crash recovery: snapshot a run's state every N optim steps "
                             "(default 50); a restart replays the requests since its snapshot")

@@ -311,3 +311,31 @@ def test_resident_runs_are_bounded_by_evicting_the_least_recently_used(
     optim(store, "a1", "A", seqs["a1"])
     drain(loop)
     assert len(eng.runs) <= 3
+
+
+def test_the_time_bound_follows_the_measured_throughput_and_overhead(store: Store) -> None:
+    loop = bounded_clock(store, FakeEngine(), cycle_tokens=10_000, cycle_seconds=0.5)
+    assert loop.cycle_budget() == 10_000  # nothing measured yet: the token bound
+    loop._tokens_per_s, loop._overhead_s = 4000.0, 0.01
+    assert loop.cycle_budget() == 2000  # 0.5 s of engine time
+    loop._overhead_s = 0.1  # the clock's own work: keep it under a tenth of a cycle
+    assert loop.cycle_budget() == 3600
+    loop._tokens_per_s = 10.0
+    assert loop.cycle_budget() == loop.min_cycle_tokens
+    assert bounded_clock(store, FakeEngine(), cycle_tokens=0).cycle_budget() == 0
+
+
+def test_runs_holding_gradients_are_counted_against_the_tenants_resident_bound(
+        store: Store, tmp_path: Path) -> None:
+    tenant_run(store, "a1", "A")
+    tenant_run(store, "a2", "A")
+    tenant_run(store, "b1", "B")
+    loop = bounded_clock(store, OutputEngine(), tmp_path / "state", cycle_tokens=0)
+    loop.run_cycle()
+    for run, owner in (("a1", "A"), ("a2", "A"), ("b1", "B")):
+        fb(store, run, owner, 1, [[1, 2]])
+    drain(loop)
+    assert loop.pinned_runs("A") == 2 and loop.pinned_runs("B") == 1
+    optim(store, "a1", "A", 2)
+    drain(loop)
+    assert loop.pinned_runs("A") == 1

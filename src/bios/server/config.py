@@ -45,6 +45,10 @@ class ServerConfig:
     # snapshot) and reload on their next request.
     max_resident_runs: int = 64
     max_resident_runs_per_tenant: int = 32
+    # Stored bytes per tenant: checkpoints plus user_metadata (0: unbounded; a save past it is
+    # a 413), and the user_metadata of one session or run (413).
+    max_stored_bytes_per_tenant: int = 0
+    max_metadata_bytes: int = 65_536
     max_rank: int = 256
     max_samples_per_request: int = 128
     # Crash recovery: snapshot a run's state (data_dir/state/<run>/) once it has this many
@@ -68,6 +72,7 @@ class ServerConfig:
         if self.cycle_tokens is not None and self.cycle_tokens < 0:
             raise ValueError("cycle_tokens must be >= 0 (0 = no bound)")
         for name in ("cycle_seconds", "max_resident_runs", "max_resident_runs_per_tenant",
+                     "max_stored_bytes_per_tenant", "max_metadata_bytes",
                      "max_queued_tokens_per_tenant", "max_tokens_per_request"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")

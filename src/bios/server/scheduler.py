@@ -148,7 +148,8 @@ def select_fair(queues: dict[str, list[Pending]], owners: dict[str, str], budget
     Each pick goes to the tenant with the least tokens this cycle net of its credit, and
     within it to the run with the least tokens this cycle (ties: the least recently served),
     which takes its next item if it fits what is left of the budget. An item of more than
-    `split_tokens` tokens that does not fit is split: the run gets what is left. Non-pass ops
+    `split_tokens` tokens (or than the whole budget) that does not fit is split: the run
+    gets what is left. Non-pass ops
     (0 tokens: optim_step, save, load, create) cost nothing and are taken whenever they reach
     a run's head, so the token accounting never starves them. If nothing fits at all, the
     first pick is taken whole anyway, so every cycle makes progress.
@@ -165,6 +166,7 @@ def select_fair(queues: dict[str, list[Pending]], owners: dict[str, str], budget
     taken_r: dict[str, int] = {}
     left = budget
     tokens_taken = 0
+    split_over = min(split_tokens, budget)
 
     def absorb(run: str) -> None:  # free items at the head, except a split in progress
         while pos[run] < len(items[run]) and items[run][pos[run]] == 0 and not (
@@ -189,11 +191,11 @@ def select_fair(queues: dict[str, list[Pending]], owners: dict[str, str], budget
         fair.picks += 1
         fair.served["tenant:" + tenant] = fair.served[run] = fair.picks
         cost = items[run][pos[run]]
-        if cost <= left or (tokens_taken == 0 and cost <= split_tokens):
+        if cost <= left or (tokens_taken == 0 and cost <= split_over):
             got = cost
             pos[run] += 1
             absorb(run)
-        elif cost > split_tokens:
+        elif cost > split_over:
             got = left
             partial[run] = left
             blocked.add(run)
@@ -298,6 +300,14 @@ def run_work(plan: P.CyclePlan, stats: P.CycleStats) -> dict[str, RunWork]:
             for r, n in ops.items()}
 
 
+def directory_bytes(path: str | Path) -> int:
+    """The bytes of the files under a directory (a checkpoint's size; 0 if it is gone)."""
+    try:
+        return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    except OSError:
+        return 0
+
+
 def spec_of(run: RunRow) -> P.AdapterSpec:
     return P.AdapterSpec(rank=run.rank, seed=run.seed, alpha=run.alpha, train_attn=run.train_attn,
                          train_mlp=run.train_mlp, train_unembed=run.train_unembed)
@@ -397,9 +407,11 @@ class ClockLoop:
         self.cycle_tokens = cycle_tokens
         self.cycle_seconds = cycle_seconds
         self.split_tokens = max(1, split_tokens)
+        self.min_cycle_tokens = 64  # the time bound never makes a cycle smaller than this
         self.fair = FairShare()
         self._splits: dict[str, SplitRequest] = {}  # run -> its split request in progress
         self._tokens_per_s: float | None = None  # engine pass throughput (moving average)
+        self._overhead_s: float | None = None  # a cycle's time outside the engine (average)
 
     def start(self) -> None:
         self._thread.start()
@@ -464,14 +476,18 @@ class ClockLoop:
         return True
 
     def cycle_budget(self) -> int:
-        """This cycle's pass-token bound: `cycle_tokens`, lowered to what the engine runs in
-        `cycle_seconds` at its measured throughput (never below one split part); 0: none."""
+        """This cycle's pass-token bound (0: none): `cycle_tokens`, lowered to what the
+        engine runs in the cycle's target time at its measured throughput. The target time is
+        `cycle_seconds`, raised where needed to keep the clock's own work per cycle (claim,
+        record, notify: measured) under a tenth of a cycle, so that bounded cycles cost the
+        engine's throughput little on any machine."""
         if self.cycle_tokens <= 0:
             return 0
         budget = self.cycle_tokens
         if self.cycle_seconds > 0 and self._tokens_per_s:
-            budget = min(budget, max(self.split_tokens,
-                                     int(self._tokens_per_s * self.cycle_seconds)))
+            target = max(self.cycle_seconds, 9 * (self._overhead_s or 0.0))
+            budget = min(budget, max(self.min_cycle_tokens,
+                                     int(self._tokens_per_s * target)))
         return budget
 
     def _choose(self, budget: int, parts: dict[str, int | None]
@@ -506,6 +522,7 @@ class ClockLoop:
         """Claim what is runnable now (within the cycle bound, shared fairly), execute it as
         one cycle, record the outcome. Work past the bound stays queued for the next cycle."""
         started = time.time()
+        c0 = time.perf_counter()
         parts: dict[str, int | None] = {}  # run -> allowance of its split part this cycle
         claimed = self.store.claim_cycle(self.base_model, cutoff=started,
                                          choose=self._choose(self.cycle_budget(), parts))
@@ -591,10 +608,13 @@ class ClockLoop:
                 self._last_active[run] = active
         total_ms = (time.perf_counter() - t0) * 1000
         st = result.stats
-        if st.tokens >= min(256, self.split_tokens) and st.engine_ms > 0:
+        if st.tokens >= min(self.min_cycle_tokens, self.split_tokens) and st.engine_ms > 0:
             rate = st.tokens / (st.engine_ms / 1000)
+            overhead = max(0.0, time.perf_counter() - c0 - st.engine_ms / 1000)
             self._tokens_per_s = rate if self._tokens_per_s is None else (
                 0.7 * self._tokens_per_s + 0.3 * rate)
+            self._overhead_s = overhead if self._overhead_s is None else (
+                0.7 * self._overhead_s + 0.3 * overhead)
         self.store.record_cycle(self.base_model, started, st.engine_ms, total_ms, st.runs,
                                 plan.num_ops, st.tokens, st.passes, cycle_id=cycle_id,
                                 run_work=run_work(plan, st), ended_at=ended)
@@ -826,6 +846,14 @@ class ClockLoop:
                      self.base_model, self.unload_idle_s, ", ".join(unload[:8]))
         return unload
 
+    def pinned_runs(self, owner: str) -> int:
+        """The tenant's resident runs that cannot be unloaded now (pending gradients or a
+        split request in progress): the per-tenant resident bound cannot make room below
+        them. Read from request threads; a momentary count is enough."""
+        pinned = set(self._dirty) | set(self._splits)
+        return sum(1 for run in list(self._resident)
+                   if run in pinned and self._owner.get(run) == owner)
+
     def _unloadable(self, exclude: set[str] | frozenset[str] = frozenset()) -> list[str]:
         """Resident runs that may leave the engine now, least recently used first: no pending
         gradients, no split request in progress, none of `exclude`, no queued work."""
@@ -906,7 +934,8 @@ class ClockLoop:
             self.store.add_checkpoint(CheckpointRow(
                 run_id=req.run_id, owner=req.payload["owner"], kind=ck["kind"], name=ck["name"],
                 directory=ck["directory"], base_model=req.payload["base_model_name"],
-                size_bytes=int(engine_result.get("size_bytes", 0)),
+                size_bytes=int(engine_result.get("size_bytes", 0))
+                or directory_bytes(ck["directory"]),
                 ephemeral=bool(ck.get("ephemeral")), created_at=time.time()))
             if ck.get("sampler_id"):
                 self.store.add_sampler(SamplerRow(

@@ -225,7 +225,25 @@ class BiosService:
 
     # ------------------------------------------------------------------ sessions, models
 
+    def _check_metadata(self, metadata: dict[str, Any] | None) -> None:
+        size = len(json.dumps(metadata or {}))
+        if self.config.max_metadata_bytes and size > self.config.max_metadata_bytes:
+            raise APIError(413, f"user_metadata is {size} bytes as JSON, more than this "
+                           f"server's limit of {self.config.max_metadata_bytes} "
+                           "(--max-metadata-bytes); store less", "user_metadata")
+
+    def _check_stored_bytes(self, owner: str) -> None:
+        limit = self.config.max_stored_bytes_per_tenant
+        if limit and (used := self.db.stored_bytes(owner)) >= limit:
+            # A 4xx, not a 507: waiting does not help (the SDK retries 5xx), and a 4xx fills
+            # the request's seq slot so the run's later requests go on.
+            raise APIError(413, f"tenant {owner!r} stores {used} bytes of checkpoints and "
+                           f"user_metadata, at this server's limit of {limit} per tenant "
+                           "(--max-stored-bytes-per-tenant); delete checkpoints to save more",
+                           "path", "storage_full")
+
     def create_session(self, owner: str, req: T.CreateSessionRequest) -> T.CreateSessionResponse:
+        self._check_metadata(req.user_metadata)
         sid = self.db.create_session(owner, req.tags, req.user_metadata)
         return T.CreateSessionResponse(session_id=sid)
 
@@ -242,6 +260,14 @@ class BiosService:
                            "session_id")
         served = self._served(req.base_model)
         check_lora_config(req.lora_config, self.config.max_rank)
+        self._check_metadata(req.user_metadata)
+        limit = self.config.max_resident_runs_per_tenant
+        if limit and (pinned := served.clock.pinned_runs(owner)) >= limit:
+            raise APIError(429, f"tenant {owner!r} has {pinned} runs holding gradients that no "
+                           f"optim_step has applied, at this server's limit of {limit} resident "
+                           "runs per tenant (--max-resident-runs-per-tenant); call optim_step "
+                           "on them (or finish them) before creating another run",
+                           "base_model", "resident_runs")
         check_int(req.model_seq_id, "model_seq_id")
         run_id = f"{req.session_id}:train:{req.model_seq_id}"
         cfg = req.lora_config
@@ -308,6 +334,7 @@ class BiosService:
     def save_weights(self, owner: str, req: T.SaveWeightsRequest) -> T.UntypedAPIFuture:
         run = self._owned_run(owner, req.model_id)
         name = check_name(req.path, "path")
+        self._check_stored_bytes(owner)
         if not req.overwrite and self.db.get_checkpoint(run.id, "training", name):
             raise APIError(409, f"checkpoint {name!r} already exists for this run; pick another "
                            "name or pass overwrite=True", "path", "exists")
@@ -320,6 +347,7 @@ class BiosService:
     def save_weights_for_sampler(self, owner: str, req: T.SaveWeightsForSamplerRequest
                                  ) -> T.UntypedAPIFuture:
         run = self._owned_run(owner, req.model_id)
+        self._check_stored_bytes(owner)
         if req.path:
             name = check_name(req.path, "path")
             ck: dict[str, Any] = {"kind": "sampler", "name": name,

@@ -846,6 +846,17 @@ class Store:
                 CheckpointRow.run_id == run_id, CheckpointRow.ephemeral.is_(False))
                 .order_by(CheckpointRow.created_at)).scalars().all())
 
+    def stored_bytes(self, owner: str) -> int:
+        """What a tenant stores: its checkpoints' bytes plus its sessions' and runs'
+        user_metadata (the per-tenant stored-bytes limit)."""
+        with self.tx() as s:
+            ckpts = s.execute(select(func.coalesce(func.sum(CheckpointRow.size_bytes), 0))
+                              .where(CheckpointRow.owner == owner)).scalar_one()
+            meta = sum(s.execute(select(func.coalesce(func.sum(func.length(t.user_metadata)),
+                                                      0)).where(t.owner == owner)).scalar_one()
+                       for t in (SessionRow, RunRow))
+        return int(ckpts) + int(meta)
+
     def set_checkpoint_public(self, ckpt_id: int, public: bool) -> None:
         with self.tx() as s:
             s.execute(update(CheckpointRow).where(CheckpointRow.id == ckpt_id)
