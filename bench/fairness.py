@@ -6,7 +6,8 @@ fresh. Tenant A floods: one forward_backward of `--big-tokens` tokens (datums of
 `--big-datum` tokens; default 262144, the issue's 260k-token request), then `--small`
 forward_backwards of `--small-tokens` tokens over `--runs` runs (default 2000 over 20), each
 run ending with an optim_step. Tenant B trains one small run alongside: `--victim-steps` steps,
-each a forward_backward of `--victim-tokens` tokens then an optim_step, one at a time; a
+each a forward_backward of `--victim-datums` datums of `--victim-tokens` tokens (default 4 x
+128) then an optim_step, one at a time; a
 step's latency is from its forward_backward call to its optim_step's result. B starts once A's
 big request and the first tenth of its small ones are stored.
 
@@ -99,19 +100,20 @@ def wait_stored(server: ServerProcess, n: int) -> None:
         time.sleep(0.05)
 
 
-def victim(server: ServerProcess, steps: int, tokens: int, out: dict[str, Any],
+def victim(server: ServerProcess, steps: int, datums: int, tokens: int, out: dict[str, Any],
            ready: threading.Event | None = None) -> None:
     """Tenant B: `steps` steps of forward_backward + optim_step, one at a time."""
     sc = bios.ServiceClient(base_url=server.base_url, api_key=KEY_B)
     tc = sc.create_lora_training_client(base_model=TINY, rank=8, seed=99)
-    tc.forward_backward([datum(tokens, 0)], "cross_entropy")
+    tc.forward_backward([datum(tokens, d) for d in range(datums)], "cross_entropy")
     tc.optim_step(types.AdamParams(learning_rate=1e-4)).result(timeout=3600)  # warm
     if ready is not None:
         ready.wait()
     lat = []
     for i in range(steps):
         t0 = time.perf_counter()
-        tc.forward_backward([datum(tokens, i + 1)], "cross_entropy")
+        tc.forward_backward([datum(tokens, (i + 1) * datums + d) for d in range(datums)],
+                            "cross_entropy")
         tc.optim_step(types.AdamParams(learning_rate=1e-4)).result(timeout=3600)
         lat.append(time.perf_counter() - t0)
     out.update(b_steps=len(lat), b_median_s=round(statistics.median(lat), 4),
@@ -143,7 +145,7 @@ def run_mode(name: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
             steps = args.unbounded_victim_steps if name == "flood_unbounded" else \
                 args.victim_steps
             threads.append(threading.Thread(target=victim, args=(
-                server, steps, args.victim_tokens, out,
+                server, steps, args.victim_datums, args.victim_tokens, out,
                 None if name == "b_alone" else stored)))
         t_start = time.perf_counter()
         for t in threads:
@@ -170,7 +172,8 @@ def main() -> None:
     p.add_argument("--small-tokens", type=int, default=64)
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--victim-steps", type=int, default=10)
-    p.add_argument("--victim-tokens", type=int, default=256)
+    p.add_argument("--victim-datums", type=int, default=4)
+    p.add_argument("--victim-tokens", type=int, default=128)
     p.add_argument("--unbounded-victim-steps", type=int, default=2)
     p.add_argument("--skip-unbounded", action="store_true")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "fairness.json"))

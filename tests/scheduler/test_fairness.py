@@ -60,12 +60,23 @@ def test_a_request_larger_than_the_split_size_is_split_and_blocks_the_runs_later
     assert takes == {"a": Take(0, partial=1000)}
     # The same request in progress (a head of 4000 tokens left), with the rest behind it.
     takes = select_fair({"a": pending("a", "A", [0, 10])}, {"a": "A"}, 1000, 512,
-                        FairShare(), heads={"a": 4000})
+                        FairShare(), heads={"a": (4000, 100)})
     assert takes == {"a": Take(0, partial=1000)}
     # Its last part fits: the run goes on with the free op and the next request.
     takes = select_fair({"a": pending("a", "A", [0, 10])}, {"a": "A"}, 1000, 512,
-                        FairShare(), heads={"a": 900})
+                        FairShare(), heads={"a": (900, 100)})
     assert takes == {"a": Take(3)}
+
+
+def test_a_split_part_whose_datum_does_not_fit_waits_unless_it_is_the_first_pick() -> None:
+    """A part is whole datums: with 300 tokens left, a request of 1000-token datums does not
+    take a part that would overrun the cycle, unless nothing else is in it."""
+    big = [Pending("a-1", "a", "A", 1, "forward_backward", 5000, 1000)]
+    queues = {"a": big, "b": pending("b", "B", [700])}
+    owners = {"a": "A", "b": "B"}
+    fair = FairShare(credit={"A": -500.0})  # B picks first
+    assert select_fair(queues, owners, 1000, 512, fair) == {"b": Take(1)}
+    assert select_fair({"a": big}, owners, 1000, 512, FairShare()) == {"a": Take(0, 1000)}
 
 
 def test_deficit_round_robin_alternates_requests_that_do_not_both_fit() -> None:

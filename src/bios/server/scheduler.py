@@ -139,26 +139,30 @@ class FairShare:
 
 def select_fair(queues: dict[str, list[Pending]], owners: dict[str, str], budget: int,
                 split_tokens: int, fair: FairShare,
-                heads: dict[str, int] | None = None) -> dict[str, Take]:
+                heads: dict[str, tuple[int, int]] | None = None) -> dict[str, Take]:
     """Share one cycle's pass-token `budget` fairly between tenants, then between each
     tenant's runs, keeping each run's order. Pure apart from updating `fair`.
 
     queues: run -> its runnable requests in seq order; owners: run -> tenant. heads: run ->
-    the tokens left of its split request in progress, which comes before its queue (item 0).
+    (tokens left, tokens of the next datum) of its split request in progress, which comes
+    before its queue (item 0).
     Each pick goes to the tenant with the least tokens this cycle net of its credit, and
     within it to the run with the least tokens this cycle (ties: the least recently served),
     which takes its next item if it fits what is left of the budget. An item of more than
     `split_tokens` tokens (or than the whole budget) that does not fit is split: the run
-    gets what is left. Non-pass ops
+    gets what is left, if that holds its next datum (a part is whole datums, at least one);
+    else it waits for a cycle where it does, or where it is the first pick. Non-pass ops
     (0 tokens: optim_step, save, load, create) cost nothing and are taken whenever they reach
     a run's head, so the token accounting never starves them. If nothing fits at all, the
     first pick is taken whole anyway, so every cycle makes progress.
     """
     heads = heads or {}
     items: dict[str, list[int]] = {}
+    min_part: dict[str, list[int]] = {}  # the smallest part each item splits into
     for run in sorted(set(queues) | set(heads)):
-        items[run] = ([heads[run]] if run in heads else []) + [p.tokens for p in
-                                                               queues.get(run, [])]
+        head = [heads[run]] if run in heads else []
+        items[run] = [t for t, _ in head] + [p.tokens for p in queues.get(run, [])]
+        min_part[run] = [d for _, d in head] + [p.datum_tokens for p in queues.get(run, [])]
     pos = dict.fromkeys(items, 0)
     partial: dict[str, int] = {}
     blocked: set[str] = set()
@@ -195,7 +199,7 @@ def select_fair(queues: dict[str, list[Pending]], owners: dict[str, str], budget
             got = cost
             pos[run] += 1
             absorb(run)
-        elif cost > split_over:
+        elif cost > split_over and (min_part[run][pos[run]] <= left or tokens_taken == 0):
             got = left
             partial[run] = left
             blocked.add(run)
@@ -240,6 +244,10 @@ class SplitRequest:
     @property
     def remaining_tokens(self) -> int:
         return sum(len(d.tokens) for d in self.op.data[self.next_datum:])
+
+    @property
+    def next_datum_tokens(self) -> int:
+        return len(self.op.data[self.next_datum].tokens) if not self.done else 0
 
     @property
     def done(self) -> bool:
@@ -407,7 +415,9 @@ class ClockLoop:
         self.cycle_tokens = cycle_tokens
         self.cycle_seconds = cycle_seconds
         self.split_tokens = max(1, split_tokens)
-        self.min_cycle_tokens = 64  # the time bound never makes a cycle smaller than this
+        # The time bound never makes a cycle smaller than a quarter of a pass: smaller ones
+        # would chop requests into many cycles for little gain in latency.
+        self.min_cycle_tokens = max(64, self.split_tokens // 4)
         self.fair = FairShare()
         self._splits: dict[str, SplitRequest] = {}  # run -> its split request in progress
         self._tokens_per_s: float | None = None  # engine pass throughput (moving average)
@@ -500,7 +510,8 @@ class ClockLoop:
                 self._owner[run] = rows[0].owner
             if budget <= 0:
                 return {run: len(rows) for run, rows in queues.items()}
-            heads = {run: sp.remaining_tokens for run, sp in self._splits.items()}
+            heads = {run: (sp.remaining_tokens, sp.next_datum_tokens)
+                     for run, sp in self._splits.items()}
             takes = select_fair(queues, self._owner, budget, self.split_tokens, self.fair,
                                 heads)
             claim: dict[str, int] = {}

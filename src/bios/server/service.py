@@ -186,7 +186,8 @@ class BiosService:
         return run
 
     def _submit(self, owner: str, run: RunRow, seq_id: int, kind: str,
-                payload: dict[str, Any], tokens: int = 0) -> T.UntypedAPIFuture:
+                payload: dict[str, Any], tokens: int = 0,
+                datum_tokens: int = 0) -> T.UntypedAPIFuture:
         if run.lost_reason:
             raise APIError(409, f"run {run.id!r} cannot take new work: {run.lost_reason}",
                            "model_id", "run_lost")
@@ -202,7 +203,8 @@ class BiosService:
                                  max_queued_per_run=self.config.max_queued_per_run,
                                  max_queued_total=self.config.max_queued_total,
                                  max_queued_per_tenant=self.config.max_queued_per_tenant,
-                                 tokens=tokens, max_queued_tokens_per_tenant=(
+                                 tokens=tokens, datum_tokens=datum_tokens,
+                                 max_queued_tokens_per_tenant=(
                                      self.config.max_queued_tokens_per_tenant))
         except SeqConflictError as e:
             raise APIError(409, str(e), "seq_id", "seq_conflict") from e
@@ -323,8 +325,10 @@ class BiosService:
         tokens = check_forward_backward(inp, self.models[run.canonical_model].limits,
                                         self.config.max_tokens_per_request, prefix)
         kind = "forward" if forward_only else "forward_backward"
+        longest = max((sum(len(c.tokens) for c in d.model_input.chunks) for d in inp.data),
+                      default=0)
         return self._submit(owner, run, req.seq_id, kind, {"wire": req.model_dump(mode="json")},
-                            tokens=tokens)
+                            tokens=tokens, datum_tokens=longest)
 
     def optim_step(self, owner: str, req: T.OptimStepRequest) -> T.UntypedAPIFuture:
         run = self._owned_run(owner, req.model_id)

@@ -116,6 +116,7 @@ class RequestRow(Base):
     # forward/forward_backward: the batch's token count (the scheduler's fair-share cost and
     # the per-tenant queued-token limit); 0 or NULL (rows from before the column) for others.
     tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    datum_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)  # longest datum
 
 
 class CheckpointRow(Base):
@@ -210,6 +211,7 @@ class Pending:
     seq_id: int
     kind: str
     tokens: int  # forward/forward_backward tokens; 0 for every other kind
+    datum_tokens: int = 0  # its longest datum (the smallest part it splits into; 0: unknown)
 
 
 # Chooses, from each run's runnable requests (in seq order), how many to claim this cycle:
@@ -455,7 +457,7 @@ class Store:
                base_model: str, payload: dict[str, Any], sampler_id: str | None = None,
                max_queued_per_run: int = 0, max_queued_total: int = 0,
                max_queued_per_tenant: int = 0, tokens: int = 0,
-               max_queued_tokens_per_tenant: int = 0) -> str:
+               max_queued_tokens_per_tenant: int = 0, datum_tokens: int = 0) -> str:
         """Store a request durably and return its id.
 
         A retry of the same (run, seq_id) with the same payload returns the original id; a
@@ -473,7 +475,7 @@ class Store:
                                     max_queued_per_run=max_queued_per_run,
                                     max_queued_total=max_queued_total,
                                     max_queued_per_tenant=max_queued_per_tenant,
-                                    tokens=tokens,
+                                    tokens=tokens, datum_tokens=datum_tokens,
                                     max_queued_tokens_per_tenant=max_queued_tokens_per_tenant)
         except IntegrityError as e:  # a concurrent submit took the (run|sampler, seq) slot
             if seq_id is None or (run_id is None and sampler_id is None):
@@ -492,7 +494,7 @@ class Store:
                 base_model: str, payload: dict[str, Any], sampler_id: str | None,
                 max_queued_per_run: int, max_queued_total: int,
                 max_queued_per_tenant: int = 0, tokens: int = 0,
-                max_queued_tokens_per_tenant: int = 0) -> str:
+                max_queued_tokens_per_tenant: int = 0, datum_tokens: int = 0) -> str:
         digest = payload_digest(payload)
         with self.tx() as s:
             if run_id is not None and seq_id is not None:
@@ -546,7 +548,8 @@ class Store:
             s.add(RequestRow(id=rid, owner=owner, run_id=run_id, sampler_id=sampler_id,
                              seq_id=seq_id, kind=kind, base_model=base_model,
                              payload=json.dumps(payload), payload_hash=digest, status=QUEUED,
-                             created_at=time.time(), tokens=tokens))
+                             created_at=time.time(), tokens=tokens,
+                             datum_tokens=datum_tokens))
             s.flush()  # here, not in the update's autoflush; IntegrityError is handled by submit
             if run_id is not None:
                 s.execute(update(RunRow).where(RunRow.id == run_id)
@@ -639,7 +642,8 @@ class Store:
                 take = {run_id: len(rows) for run_id, (_, rows) in walks.items()}
             else:
                 take = choose({run_id: [Pending(r.id, run_id, r.owner, int(r.seq_id or 0),
-                                                r.kind, int(r.tokens or 0)) for r, _ in rows]
+                                                r.kind, int(r.tokens or 0),
+                                                int(r.datum_tokens or 0)) for r, _ in rows]
                                for run_id, (_, rows) in walks.items()})
             for run_id, (run, rows) in walks.items():
                 n = min(take.get(run_id, 0), len(rows))
