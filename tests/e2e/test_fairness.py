@@ -9,6 +9,7 @@ import sqlite3
 from collections.abc import Iterator
 
 import httpx
+import numpy as np
 import pytest
 
 import bios
@@ -128,3 +129,31 @@ def test_stored_bytes_and_metadata_limits_answer_413_naming_the_flag(
     # The refused save filled its seq slot: the run goes on.
     tc.forward_backward([datum(8, 1)], "cross_entropy")
     tc.optim_step(types.AdamParams(learning_rate=1e-3)).result(timeout=300)
+
+
+def test_resident_runs_past_the_bound_evict_the_least_recently_used_which_reloads_exactly(
+        tmp_path) -> None:
+    """--max-resident-runs 2: a third run unloads the least recently used one (after a
+    snapshot); its next request reloads it with the weights it left with, to the last bit."""
+    from test_crash_recovery import probe, step
+
+    server = ServerProcess(tmp_path / "data", [TINY],
+                           extra_args=["--max-resident-runs", "2"]).start()
+    try:
+        sc = bios.ServiceClient(base_url=server.base_url)
+        runs = [sc.create_lora_training_client(base_model=TINY, rank=4, seed=s)
+                for s in range(3)]
+        step(runs[0], 0)
+        before = probe(runs[0])
+        step(runs[1], 0)
+        step(runs[2], 0)  # r0 is the least recently used idle run: evicted before this
+        reloaded = f"reloaded run {runs[0].model_id}"
+        log = server.log()
+        assert f"least recently used runs of {TINY} (resident bound 2" in log
+        n = log.count(reloaded)
+        after = probe(runs[0])  # reloaded from its snapshot
+        assert server.log().count(reloaded) == n + 1
+        np.testing.assert_array_equal(after, before)
+        step(runs[0], 1)  # and it trains on
+    finally:
+        server.stop()
