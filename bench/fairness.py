@@ -186,7 +186,8 @@ def main() -> None:
     args = p.parse_args()
     args.big_tokens = max(args.big_datum, int(args.big_tokens * args.scale))
     args.small = max(args.runs, int(args.small * args.scale))
-    modes = ["b_alone", "flood", "a_alone", "a_alone_unbounded"]
+    # Interleaved, so a drift in the (shared) machine's load touches both sides.
+    modes = ["b_alone", "a_alone_unbounded", "flood", "a_alone"]
     if not args.skip_unbounded:
         modes.append("flood_unbounded")
     results: dict[str, Any] = {"machine": machine(), "args": vars(args), "modes": {}}

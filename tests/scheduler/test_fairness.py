@@ -326,7 +326,7 @@ def test_resident_runs_are_bounded_by_evicting_the_least_recently_used(
 
 def test_the_time_bound_follows_the_measured_throughput_and_overhead(store: Store) -> None:
     loop = bounded_clock(store, FakeEngine(), cycle_tokens=10_000, cycle_seconds=0.5)
-    assert loop.cycle_budget() == 10_000  # nothing measured yet: the token bound
+    assert loop.cycle_budget() == 200  # nothing measured yet: one pass (split_tokens)
     loop._tokens_per_s, loop._overhead_s = 4000.0, 0.01
     assert loop.cycle_budget() == 2000  # 0.5 s of engine time
     loop._overhead_s = 0.1  # the clock's own work: keep it under a tenth of a cycle

@@ -494,6 +494,8 @@ class ClockLoop:
         if self.cycle_tokens <= 0:
             return 0
         budget = self.cycle_tokens
+        if self.cycle_seconds > 0 and not self._tokens_per_s:
+            return min(budget, self.split_tokens)  # one pass until the throughput is known
         if self.cycle_seconds > 0 and self._tokens_per_s:
             target = max(self.cycle_seconds, 9 * (self._overhead_s or 0.0))
             budget = min(budget, max(self.min_cycle_tokens,
