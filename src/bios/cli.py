@@ -45,7 +45,15 @@ def _serve(args: argparse.Namespace) -> int:
             ("max_queued_total", args.max_queued_total),
             ("snapshot_steps", args.snapshot_steps),
             ("snapshot_seconds", args.snapshot_seconds),
-            ("unload_idle_s", args.unload_idle_seconds))
+            ("unload_idle_s", args.unload_idle_seconds),
+            ("cycle_tokens", args.cycle_tokens),
+            ("cycle_seconds", args.cycle_seconds),
+            ("max_tokens_per_request", args.max_tokens_per_request),
+            ("max_queued_tokens_per_tenant", args.max_queued_tokens_per_tenant),
+            ("max_resident_runs", args.max_resident_runs),
+            ("max_resident_runs_per_tenant", args.max_resident_runs_per_tenant),
+            ("max_stored_bytes_per_tenant", args.max_stored_bytes_per_tenant),
+            ("max_metadata_bytes", args.max_metadata_bytes))
             if v is not None},
     )
     logging.basicConfig(level=logging.INFO,
@@ -117,6 +125,34 @@ def main(argv: list[str] | None = None) -> int:
                        help="backpressure: queued requests per tenant before a 429")
     serve.add_argument("--max-queued-total", type=int, default=None, metavar="N",
                        help="backpressure: queued requests on the server before a 429")
+    serve.add_argument("--cycle-tokens", type=int, default=None, metavar="N",
+                       help="fairness: forward/backward tokens per clock cycle, shared fairly "
+                            "between tenants and their runs; the rest waits for the next "
+                            "cycle, and a bigger request is split across cycles (default: 4 x "
+                            "--token-budget; 0 = no bound, all queued work in one cycle)")
+    serve.add_argument("--cycle-seconds", type=float, default=None, metavar="SECONDS",
+                       help="fairness: also bound a cycle to about this much engine time, "
+                            "at the measured throughput (default 0.5; 0 = tokens only)")
+    serve.add_argument("--max-tokens-per-request", type=int, default=None, metavar="N",
+                       help="tokens in one forward/forward_backward request before a 413 "
+                            "(default 262144)")
+    serve.add_argument("--max-queued-tokens-per-tenant", type=int, default=None, metavar="N",
+                       help="backpressure: forward/backward tokens one tenant may have queued "
+                            "or running before a 429 (default 4194304)")
+    serve.add_argument("--max-resident-runs", type=int, default=None, metavar="N",
+                       help="runs kept in engine memory per base model; past it the least "
+                            "recently used idle runs are unloaded and reload on demand "
+                            "(default 64; 0 = unbounded)")
+    serve.add_argument("--max-resident-runs-per-tenant", type=int, default=None, metavar="N",
+                       help="the same bound per tenant; a tenant with this many runs holding "
+                            "unapplied gradients gets a 429 creating another (default 32; "
+                            "0 = unbounded)")
+    serve.add_argument("--max-stored-bytes-per-tenant", type=int, default=None, metavar="BYTES",
+                       help="checkpoint bytes plus user_metadata one tenant may store; a save "
+                            "past it gets a 413 (default 0 = unbounded)")
+    serve.add_argument("--max-metadata-bytes", type=int, default=None, metavar="BYTES",
+                       help="user_metadata of one session or run, as JSON, before a 413 "
+                            "(default 65536)")
     serve.add_argument("--snapshot-steps", type=int, default=None, metavar="N",
                        help="crash recovery: snapshot a run's state every N optim steps "
                             "(default 50); a restart replays the requests since its snapshot")

@@ -277,7 +277,8 @@ def test_tenant_queue_limit_gives_429_with_state_and_the_sdk_retries(
         if r.status_code != 200:
             break
     assert r is not None and r.status_code == 429, r and r.text
-    assert r.json()["queue_state"] == {"scope": "tenant", "queued": 3, "limit": 3}
+    assert r.json()["queue_state"] == {"scope": "tenant", "queued": 3, "limit": 3,
+                                       "unit": "requests"}
     assert r.json()["code"] == "queue_full" and "per tenant" in r.json()["detail"]
     assert r.headers["retry-after"] == "1"
     # SDK: 8 ops through a queue of 3 all complete; none dropped, order kept.

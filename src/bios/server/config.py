@@ -31,6 +31,24 @@ class ServerConfig:
     max_queued_total: int = 16384
     max_queued_per_tenant: int = 4096  # queued requests of one tenant, all its runs/samplers
     max_tokens_per_request: int = 262_144
+    # Tokens of forward/forward_backward work one tenant may have queued or running (429).
+    max_queued_tokens_per_tenant: int = 4_194_304
+    # The cycle bound: pass tokens per clock cycle (None: 4 x the engine's token budget per
+    # pass; 0: no bound, every runnable request in one cycle) and a target engine time per
+    # cycle (0: none), which the clock turns into tokens with its measured throughput. The
+    # budget is shared fairly between tenants and their runs; the rest waits for the next
+    # cycle, and a request bigger than one pass's token budget is split across cycles.
+    cycle_tokens: int | None = None
+    cycle_seconds: float = 0.5
+    # Runs resident in the engine (0: unbounded), server-wide per base model and per tenant:
+    # before a cycle needs more, the least recently used idle runs are unloaded (after a
+    # snapshot) and reload on their next request.
+    max_resident_runs: int = 64
+    max_resident_runs_per_tenant: int = 32
+    # Stored bytes per tenant: checkpoints plus user_metadata (0: unbounded; a save past it is
+    # a 413), and the user_metadata of one session or run (413).
+    max_stored_bytes_per_tenant: int = 0
+    max_metadata_bytes: int = 65_536
     max_rank: int = 256
     max_samples_per_request: int = 128
     # Crash recovery: snapshot a run's state (data_dir/state/<run>/) once it has this many
@@ -51,6 +69,13 @@ class ServerConfig:
             raise ValueError("clock_period must be >= 0 (0 = continuous cycles)")
         if self.unload_idle_s < 0:
             raise ValueError("unload_idle_s must be >= 0 (0 = never unload)")
+        if self.cycle_tokens is not None and self.cycle_tokens < 0:
+            raise ValueError("cycle_tokens must be >= 0 (0 = no bound)")
+        for name in ("cycle_seconds", "max_resident_runs", "max_resident_runs_per_tenant",
+                     "max_stored_bytes_per_tenant", "max_metadata_bytes",
+                     "max_queued_tokens_per_tenant", "max_tokens_per_request"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
 
     @property
     def db_url(self) -> str:

@@ -158,6 +158,9 @@ class OpResult:
     result: dict[str, Any] | None = None
     error: str | None = None
     category: Literal["user", "server"] = "server"
+    # forward/forward_backward: the tokens the loss counts (loss:mean's denominator), so the
+    # scheduler can merge the parts of a request it split across cycles.
+    loss_tokens: int = 0
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,6 +30,7 @@ from bios.server.store import (
     CheckpointRow,
     ClaimedRequest,
     Outcome,
+    Pending,
     RunRecovery,
     RunRow,
     RunWork,
@@ -85,9 +86,16 @@ def to_op(req: ClaimedRequest, run_spec: P.AdapterSpec | None) -> P.Step:
 def build_plan(cycle_id: int, base_model: str, claimed: list[ClaimedRequest],
                specs: dict[str, P.AdapterSpec]) -> P.CyclePlan:
     """Order claimed requests into waves: batched passes across runs, then single ops."""
-    queues: dict[str, deque[P.Step]] = {}
+    queues: dict[str, list[P.Step]] = {}
     for req in claimed:  # claimed is in (run, seq) order
-        queues.setdefault(req.run_id or "", deque()).append(to_op(req, specs.get(req.run_id or "")))
+        queues.setdefault(req.run_id or "", []).append(to_op(req, specs.get(req.run_id or "")))
+    return P.CyclePlan(cycle_id, base_model, plan_waves(queues))
+
+
+def plan_waves(run_ops: dict[str, list[P.Step]]) -> list[P.Step]:
+    """Each run's ops (in its order) as waves: every run's leading forward/forward_backward
+    ops in one PassGroup, then every run's next single op, then the next wave."""
+    queues = {run: deque(ops) for run, ops in run_ops.items()}
     steps: list[P.Step] = []
     while any(queues.values()):
         group: list[P.ForwardBackwardOp] = []
@@ -99,7 +107,182 @@ def build_plan(cycle_id: int, base_model: str, claimed: list[ClaimedRequest],
         for q in queues.values():
             if q and not isinstance(q[0], P.ForwardBackwardOp):
                 steps.append(q.popleft())
-    return P.CyclePlan(cycle_id, base_model, steps)
+    return steps
+
+
+# ----------------------------------------------------------------------------- fair share
+
+
+@dataclass(frozen=True)
+class Take:
+    """What the fair share gives one run in a cycle: its first `count` items whole, then
+    `partial` tokens of the next one (> 0: that item is split, and the run's later items wait
+    for its last part)."""
+
+    count: int
+    partial: int = 0
+
+
+@dataclass
+class FairShare:
+    """The fair-share state that outlives a cycle.
+
+    credit: tenant -> tokens it is owed (> 0) or has taken beyond its share (< 0) over the
+    cycles in which it had a backlog (deficit round robin); cleared when its backlog is gone.
+    served: tenant or run -> the pick counter when it was last given work (round-robin ties).
+    """
+
+    credit: dict[str, float] = field(default_factory=dict)
+    served: dict[str, int] = field(default_factory=dict)
+    picks: int = 0
+
+
+def select_fair(queues: dict[str, list[Pending]], owners: dict[str, str], budget: int,
+                split_tokens: int, fair: FairShare,
+                heads: dict[str, tuple[int, int]] | None = None) -> dict[str, Take]:
+    """Share one cycle's pass-token `budget` fairly between tenants, then between each
+    tenant's runs, keeping each run's order. Pure apart from updating `fair`.
+
+    queues: run -> its runnable requests in seq order; owners: run -> tenant. heads: run ->
+    (tokens left, tokens of the next datum) of its split request in progress, which comes
+    before its queue (item 0).
+    Each pick goes to the tenant with the least tokens this cycle net of its credit, and
+    within it to the run with the least tokens this cycle (ties: the least recently served),
+    which takes its next item if it fits what is left of the budget. An item of more than
+    `split_tokens` tokens (or than the whole budget) that does not fit is split: the run
+    gets what is left, if that holds its next datum (a part is whole datums, at least one);
+    else it waits for a cycle where it does, or where it is the first pick. Non-pass ops
+    (0 tokens: optim_step, save, load, create) cost nothing and are taken whenever they reach
+    a run's head, so the token accounting never starves them. If nothing fits at all, the
+    first pick is taken whole anyway, so every cycle makes progress.
+    """
+    heads = heads or {}
+    items: dict[str, list[int]] = {}
+    min_part: dict[str, list[int]] = {}  # the smallest part each item splits into
+    for run in sorted(set(queues) | set(heads)):
+        head = [heads[run]] if run in heads else []
+        items[run] = [t for t, _ in head] + [p.tokens for p in queues.get(run, [])]
+        min_part[run] = [d for _, d in head] + [p.datum_tokens for p in queues.get(run, [])]
+    pos = dict.fromkeys(items, 0)
+    partial: dict[str, int] = {}
+    blocked: set[str] = set()
+    taken_t: dict[str, int] = {}
+    taken_r: dict[str, int] = {}
+    left = budget
+    tokens_taken = 0
+    split_over = min(split_tokens, budget)
+
+    def absorb(run: str) -> None:  # free items at the head, except a split in progress
+        while pos[run] < len(items[run]) and items[run][pos[run]] == 0 and not (
+                pos[run] == 0 and run in heads):
+            pos[run] += 1
+
+    for run in items:
+        absorb(run)
+    tenants_at_start = {owners.get(r, "") for r in items}
+
+    def key(r: str) -> tuple[float, int, int, int, str]:
+        t = owners.get(r, "")
+        return (taken_t.get(t, 0) - fair.credit.get(t, 0.0), fair.served.get("tenant:" + t, -1),
+                taken_r.get(r, 0), fair.served.get(r, -1), r)
+
+    while left > 0:
+        cands = [r for r in items if r not in blocked and pos[r] < len(items[r])]
+        if not cands:
+            break
+        run = min(cands, key=key)
+        tenant = owners.get(run, "")
+        fair.picks += 1
+        fair.served["tenant:" + tenant] = fair.served[run] = fair.picks
+        cost = items[run][pos[run]]
+        if cost <= left or (tokens_taken == 0 and cost <= split_over):
+            got = cost
+            pos[run] += 1
+            absorb(run)
+        elif cost > split_over and (min_part[run][pos[run]] <= left or tokens_taken == 0):
+            got = left
+            partial[run] = left
+            blocked.add(run)
+        else:
+            blocked.add(run)  # waits for the next cycle; a smaller item may still fit
+            continue
+        taken_t[tenant] = taken_t.get(tenant, 0) + got
+        taken_r[run] = taken_r.get(run, 0) + got
+        left -= got
+        tokens_taken += got
+    # Deficit round robin across cycles: a tenant still backlogged keeps what it was owed
+    # (its even share of the budget minus what it took), bounded by one cycle's budget.
+    share = budget / max(1, len(tenants_at_start))
+    backlogged = {owners.get(r, "") for r in items if pos[r] < len(items[r]) or r in partial}
+    for t in tenants_at_start:
+        if t in backlogged:
+            c = fair.credit.get(t, 0.0) + share - taken_t.get(t, 0)
+            fair.credit[t] = max(-float(budget), min(float(budget), c))
+        else:
+            fair.credit.pop(t, None)
+    for t in list(fair.credit):
+        if t not in tenants_at_start:
+            del fair.credit[t]
+    return {r: Take(pos[r], partial.get(r, 0)) for r in items if pos[r] or r in partial}
+
+
+@dataclass
+class SplitRequest:
+    """A forward/forward_backward request run in parts (its datums in order, a part per
+    cycle), with the parts' outputs gathered until the last one ran. Gradients accumulate in
+    the run as for consecutive requests; the assembled result is the one-pass result."""
+
+    request: ClaimedRequest
+    op: P.ForwardBackwardOp
+    next_datum: int = 0
+    parts: int = 0
+    outputs: list[Any] = field(default_factory=list)
+    loss_sum: float = 0.0
+    loss_tokens: int = 0
+    template: dict[str, Any] = field(default_factory=dict)  # the first part's other fields
+
+    @property
+    def remaining_tokens(self) -> int:
+        return sum(len(d.tokens) for d in self.op.data[self.next_datum:])
+
+    @property
+    def next_datum_tokens(self) -> int:
+        return len(self.op.data[self.next_datum].tokens) if not self.done else 0
+
+    @property
+    def done(self) -> bool:
+        return self.next_datum >= len(self.op.data)
+
+    def part(self, allowance: int | None) -> P.ForwardBackwardOp:
+        """The next part: datums while they fit `allowance` tokens (None: all the rest), at
+        least one. Its request id is the request's with `#part<N>`."""
+        end, used = self.next_datum, 0
+        while end < len(self.op.data) and (allowance is None or end == self.next_datum
+                                           or used + len(self.op.data[end].tokens) <= allowance):
+            used += len(self.op.data[end].tokens)
+            end += 1
+        part = P.ForwardBackwardOp(f"{self.request.id}#part{self.parts}", self.op.run_id,
+                                   self.op.data[self.next_datum:end], self.op.loss_fn,
+                                   self.op.loss_config, forward_only=self.op.forward_only)
+        self.next_datum = end
+        self.parts += 1
+        return part
+
+    def add(self, result: P.OpResult) -> None:
+        """Gather a successful part's outputs (per datum, in order) and loss sums."""
+        body = result.result or {}
+        if not self.template:
+            self.template = {k: v for k, v in body.items() if k != "loss_fn_outputs"}
+        self.outputs.extend(body.get("loss_fn_outputs", []))
+        self.loss_sum += float(body.get("metrics", {}).get("loss:sum", 0.0))
+        self.loss_tokens += result.loss_tokens
+
+    def result(self) -> dict[str, Any]:
+        """The whole request's ForwardBackwardOutput, as the engine gives for one pass: the
+        parts' per-datum outputs in order, loss:sum summed, loss:mean over all its tokens."""
+        metrics = {**self.template.get("metrics", {}), "loss:sum": self.loss_sum,
+                   "loss:mean": self.loss_sum / self.loss_tokens if self.loss_tokens else 0.0}
+        return {**self.template, "loss_fn_outputs": self.outputs, "metrics": metrics}
 
 
 def run_work(plan: P.CyclePlan, stats: P.CycleStats) -> dict[str, RunWork]:
@@ -123,6 +306,14 @@ def run_work(plan: P.CyclePlan, stats: P.CycleStats) -> dict[str, RunWork]:
                    for r, n in ops.items()}
     return {r: RunWork(tokens=tokens.get(r, 0), ops=n, compute_ms=compute.get(r, 0.0))
             for r, n in ops.items()}
+
+
+def directory_bytes(path: str | Path) -> int:
+    """The bytes of the files under a directory (a checkpoint's size; 0 if it is gone)."""
+    try:
+        return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    except OSError:
+        return 0
 
 
 def spec_of(run: RunRow) -> P.AdapterSpec:
@@ -159,6 +350,7 @@ class CycleLog:
     ops_by_kind: dict[str, int]
     rss_mib: float | None = None  # the engine process's resident size at the cycle's end
     heap_in_use_mib: float | None = None
+    split: int = 0  # split requests still in progress after the cycle
 
     def line(self) -> str:
         kinds = ",".join(f"{k}:{v}" for k, v in sorted(self.ops_by_kind.items()))
@@ -167,7 +359,8 @@ class CycleLog:
                       if value is not None)
         return (f"cycle {self.cycle_id} model={self.base_model} runs={self.runs} "
                 f"ops={self.ops} [{kinds}] tokens={self.tokens} passes={self.passes} "
-                f"engine_ms={self.engine_ms:.1f} total_ms={self.total_ms:.1f}{mem}")
+                f"engine_ms={self.engine_ms:.1f} total_ms={self.total_ms:.1f}{mem}"
+                + (f" split={self.split}" if self.split else ""))
 
 
 class ClockLoop:
@@ -182,7 +375,9 @@ class ClockLoop:
                  notify: Callable[[dict[str, str | None]], None], cycle_ids: Callable[[], int],
                  state_dir: str | Path | None = None, snapshot_steps: int = 50,
                  snapshot_seconds: float = 120.0,
-                 unload_idle_s: float = 0.0,
+                 unload_idle_s: float = 0.0, cycle_tokens: int = 0,
+                 cycle_seconds: float = 0.0, split_tokens: int = 2048,
+                 max_resident_runs: int = 0, max_resident_runs_per_tenant: int = 0,
                  on_sample_progress: Callable[[dict[str, list[list[int]]]], None] | None = None):
         self.base_model = base_model
         self.store = store
@@ -215,6 +410,24 @@ class ClockLoop:
         self.on_sample_progress = on_sample_progress
         self._sample_cancels: dict[str, float] = {}
         self._cancel_lock = threading.Lock()
+        # At most this many runs (all tenants; per tenant) stay resident: before a cycle
+        # needs more, the least recently used idle runs are unloaded as idle ones are.
+        self.max_resident_runs = max_resident_runs
+        self.max_resident_runs_per_tenant = max_resident_runs_per_tenant
+        self._owner: dict[str, str] = {}  # run -> tenant, for runs the clock has seen
+        # The cycle bound (0: none, every runnable request in one cycle): pass tokens per
+        # cycle, and a target engine time per cycle, turned into tokens with the measured
+        # throughput. Work past it carries over; requests over split_tokens are split.
+        self.cycle_tokens = cycle_tokens
+        self.cycle_seconds = cycle_seconds
+        self.split_tokens = max(1, split_tokens)
+        # The time bound never makes a cycle smaller than a quarter of a pass: smaller ones
+        # would chop requests into many cycles for little gain in latency.
+        self.min_cycle_tokens = max(64, self.split_tokens // 4)
+        self.fair = FairShare()
+        self._splits: dict[str, SplitRequest] = {}  # run -> its split request in progress
+        self._tokens_per_s: float | None = None  # engine pass throughput (moving average)
+        self._overhead_s: float | None = None  # a cycle's time outside the engine (average)
 
     def start(self) -> None:
         self._thread.start()
@@ -299,28 +512,111 @@ class ClockLoop:
             self.notify(bodies)
         return True
 
+    def cycle_budget(self) -> int:
+        """This cycle's pass-token bound (0: none): `cycle_tokens`, lowered to what the
+        engine runs in the cycle's target time at its measured throughput. The target time is
+        `cycle_seconds`, raised where needed to keep the clock's own work per cycle (claim,
+        record, notify: measured) under a tenth of a cycle, so that bounded cycles cost the
+        engine's throughput little on any machine."""
+        if self.cycle_tokens <= 0:
+            return 0
+        budget = self.cycle_tokens
+        if self.cycle_seconds > 0 and not self._tokens_per_s:
+            return min(budget, self.split_tokens)  # one pass until the throughput is known
+        if self.cycle_seconds > 0 and self._tokens_per_s:
+            target = max(self.cycle_seconds, 9 * (self._overhead_s or 0.0))
+            budget = min(budget, max(self.min_cycle_tokens,
+                                     int(self._tokens_per_s * target)))
+        return budget
+
+    def _choose(self, budget: int, parts: dict[str, int | None]
+                ) -> Callable[[dict[str, list[Pending]]], dict[str, int]]:
+        """The store's selector for this cycle: fair shares of `budget` (see select_fair).
+        Fills `parts` with run -> token allowance (None: the rest) of the split request it
+        continues or starts."""
+        def choose(queues: dict[str, list[Pending]]) -> dict[str, int]:
+            for run, rows in queues.items():
+                self._owner[run] = rows[0].owner
+            if budget <= 0:
+                return {run: len(rows) for run, rows in queues.items()}
+            heads = {run: (sp.remaining_tokens, sp.next_datum_tokens)
+                     for run, sp in self._splits.items()}
+            takes = select_fair(queues, self._owner, budget, self.split_tokens, self.fair,
+                                heads)
+            claim: dict[str, int] = {}
+            for run, take in takes.items():
+                if run in heads:  # item 0 is the split in progress, not a queued request
+                    if take.count:
+                        parts[run] = None
+                    elif take.partial:
+                        parts[run] = take.partial
+                    claim[run] = max(0, take.count - 1)
+                else:
+                    claim[run] = take.count + (1 if take.partial else 0)
+                    if take.partial:
+                        parts[run] = take.partial
+            return claim
+        return choose
+
     def run_cycle(self) -> CycleLog | None:
-        """Claim what is runnable now, execute it as one cycle, record the outcome."""
+        """Claim what is runnable now (within the cycle bound, shared fairly), execute it as
+        one cycle, record the outcome. Work past the bound stays queued for the next cycle."""
         started = time.time()
-        claimed = self.store.claim_cycle(self.base_model, cutoff=started)
+        c0 = time.perf_counter()
+        parts: dict[str, int | None] = {}  # run -> allowance of its split part this cycle
+        claimed = self.store.claim_cycle(self.base_model, cutoff=started,
+                                         choose=self._choose(self.cycle_budget(), parts))
         if claimed:
+            self._make_room({r.run_id for r in claimed if r.run_id} | set(parts))
             claimed = self._restore_claimed(claimed)
-        if not claimed:
+        continuing = {run: a for run, a in parts.items() if run in self._splits}
+        if not claimed and not continuing:
             return None
         t0 = time.perf_counter()
         specs = self._specs_for(claimed)
         cycle_id = self._cycle_ids()
-        plan = build_plan(cycle_id, self.base_model, claimed, specs)
+        run_ops: dict[str, list[P.Step]] = {}
+        part_of: dict[str, SplitRequest] = {}  # part request id -> its split request
+        for run, allowance in continuing.items():
+            part = self._splits[run].part(allowance)
+            part_of[part.request_id] = self._splits[run]
+            run_ops[run] = [part]
+        last = {r.run_id: r.id for r in claimed}  # each run's last claimed request
+        for req in claimed:
+            run = req.run_id or ""
+            op = to_op(req, specs.get(run))
+            if run in parts and run not in continuing and last[run] == req.id:
+                assert isinstance(op, P.ForwardBackwardOp)
+                split = self._splits[run] = SplitRequest(req, op)
+                op = split.part(parts[run])
+                part_of[op.request_id] = split
+            run_ops.setdefault(run, []).append(op)
+        plan = P.CyclePlan(cycle_id, self.base_model, plan_waves(run_ops))
         by_id = {r.id: r for r in claimed}
         try:
             result = self.executor.submit(plan).result()
         except Exception as e:  # the engine itself broke: fail this cycle's requests
             log.exception("engine failed on cycle %d", cycle_id)
             result = P.CycleResult(cycle_id, [
-                P.OpResult(r.id, ok=False, error=f"engine error: {e}", category="server")
-                for r in claimed])
+                P.OpResult(op.request_id, ok=False, error=f"engine error: {e}",
+                           category="server")
+                for step in plan.steps
+                for op in (step.ops if isinstance(step, P.PassGroup) else [step])])
         outcomes: list[Outcome] = []
         for op in result.results:
+            split = part_of.get(op.request_id)
+            if split is not None:
+                run = split.op.run_id
+                if not op.ok:  # the request fails as a whole; its later parts never run
+                    self._splits.pop(run, None)
+                    outcomes.append(Outcome(split.request.id, error=op.error or "failed",
+                                            category=op.category))
+                    continue
+                split.add(op)
+                if split.done:
+                    self._splits.pop(run, None)
+                    outcomes.append(Outcome(split.request.id, result=split.result()))
+                continue
             req = by_id.get(op.request_id)
             if req is None:
                 continue
@@ -332,27 +628,43 @@ class ClockLoop:
                 outcomes.append(Outcome(req.id, error=op.error or "failed",
                                         category=op.category))
         done = {o.request_id for o in outcomes}
-        outcomes += [Outcome(r.id, error="the engine returned no result for this request",
-                             category="server")
-                     for r in claimed if r.id not in done]  # never leave one hanging
+        in_progress = {sp.request.id for sp in self._splits.values()}
+        stuck = [r for r in claimed if r.id not in done and r.id not in in_progress]
+        answered = {r.request_id for r in result.results}
+        stuck += [sp.request for part_id, sp in part_of.items() if sp.request.id not in done
+                  and part_id not in answered]
+        for req in stuck:  # never leave one hanging
+            if req.run_id and self._splits.get(req.run_id) is not None \
+                    and self._splits[req.run_id].request.id == req.id:
+                del self._splits[req.run_id]
+            outcomes.append(Outcome(req.id, error="the engine returned no result for this "
+                                    "request", category="server"))
         bodies = self.store.finish_many(outcomes, cycle_id=cycle_id)  # one transaction
         ended = time.time()  # requests after this are the clients' answers, not misses
         self.notify(bodies)  # clients first, bookkeeping after
         active = time.monotonic()
-        for req in claimed:
-            if req.run_id:
-                self._last_active[req.run_id] = active
+        for run in run_ops:
+            if run:
+                self._last_active[run] = active
         total_ms = (time.perf_counter() - t0) * 1000
         st = result.stats
+        if st.tokens >= min(self.min_cycle_tokens, self.split_tokens) and st.engine_ms > 0:
+            rate = st.tokens / (st.engine_ms / 1000)
+            overhead = max(0.0, time.perf_counter() - c0 - st.engine_ms / 1000)
+            self._tokens_per_s = rate if self._tokens_per_s is None else (
+                0.7 * self._tokens_per_s + 0.3 * rate)
+            self._overhead_s = overhead if self._overhead_s is None else (
+                0.7 * self._overhead_s + 0.3 * overhead)
         self.store.record_cycle(self.base_model, started, st.engine_ms, total_ms, st.runs,
                                 plan.num_ops, st.tokens, st.passes, cycle_id=cycle_id,
                                 run_work=run_work(plan, st), ended_at=ended)
         entry = CycleLog(cycle_id, self.base_model, st.runs, plan.num_ops, st.tokens, st.passes,
                          st.engine_ms, total_ms, dict(st.ops_by_kind), st.rss_mib,
-                         st.heap_in_use_mib)
+                         st.heap_in_use_mib, split=len(self._splits))
         self.last_cycle = entry
         log.info(entry.line())
-        self._snapshot_due_runs(plan, result, claimed)
+        finished = [r for r in claimed if r.id not in in_progress]
+        self._snapshot_due_runs(plan, result, finished)
         return entry
 
     def _specs_for(self, claimed: list[ClaimedRequest]) -> dict[str, P.AdapterSpec]:
@@ -527,6 +839,7 @@ class ClockLoop:
                 continue
             restored.append(run_id)
             self._resident.add(run_id)
+            self._owner[run_id] = rec.run.owner
             self._last_active[run_id] = time.monotonic()
             kinds = {k: sum(1 for q in rec.replay if q.kind == k)
                      for k in ("forward_backward", "optim_step", "load_weights")}
@@ -565,21 +878,45 @@ class ClockLoop:
         if self.unload_idle_s <= 0 or self.state_dir is None:
             return []
         now = time.monotonic()
-        idle = [run for run in self._resident if run not in self._dirty
-                and now - self._last_active.get(run, now) >= self.unload_idle_s]
-        if not idle:
+        idle = [run for run in self._unloadable()
+                if now - self._last_active.get(run, now) >= self.unload_idle_s]
+        unload = self._unload(idle)
+        if unload:
+            log.info("unloaded %d idle runs of %s (idle >= %.0f s): %s", len(unload),
+                     self.base_model, self.unload_idle_s, ", ".join(unload[:8]))
+        return unload
+
+    def pinned_runs(self, owner: str) -> int:
+        """The tenant's resident runs that cannot be unloaded now (pending gradients or a
+        split request in progress): the per-tenant resident bound cannot make room below
+        them. Read from request threads; a momentary count is enough."""
+        pinned = set(self._dirty) | set(self._splits)
+        return sum(1 for run in list(self._resident)
+                   if run in pinned and self._owner.get(run) == owner)
+
+    def _unloadable(self, exclude: set[str] | frozenset[str] = frozenset()) -> list[str]:
+        """Resident runs that may leave the engine now, least recently used first: no pending
+        gradients, no split request in progress, none of `exclude`, no queued work."""
+        runs = [run for run in self._resident if run not in self._dirty
+                and run not in self._splits and run not in exclude]
+        busy = set(self.store.queued_counts(set(runs))) if runs else set()
+        return sorted((run for run in runs if run not in busy),
+                      key=lambda run: (self._last_active.get(run, 0.0), run))
+
+    def _unload(self, runs: list[str]) -> list[str]:
+        """Snapshot (if changed since the last snapshot) and release these runs; returns those
+        released (a run whose snapshot failed stays)."""
+        if not runs or self.state_dir is None:
             return []
-        busy = set(self.store.queued_counts(set(idle)))  # queued work behind a gap, say
-        idle = [run for run in idle if run not in busy]
         due = {}
-        for run in idle:
+        for run in runs:
             if run in self._unsaved:
                 row = self.store.get_run(run)
                 if row is not None:
                     due[run] = row.next_seq - 1  # everything claimed so far is done
         if due:
             self._write_snapshots(0, due)
-        unload = [run for run in idle if run not in self._unsaved]  # snapshot failed: keep
+        unload = [run for run in runs if run not in self._unsaved]  # snapshot failed: keep
         if not unload:
             return []
         res: P.CycleResult = self.executor.submit(P.CyclePlan(  # type: ignore[assignment]
@@ -591,8 +928,41 @@ class ClockLoop:
         for r in res.results:
             if not r.ok:
                 log.warning("unloading %s: %s", r.request_id, r.error)
-        log.info("unloaded %d idle runs of %s (idle >= %.0f s): %s", len(unload),
-                 self.base_model, self.unload_idle_s, ", ".join(unload[:8]))
+        return unload
+
+    def _make_room(self, needed: set[str]) -> list[str]:
+        """Before a cycle that needs `needed` runs in the engine: unload least recently used
+        idle runs (as idle unloading does) until the resident runs, with the needed ones
+        loaded, are within `max_resident_runs` and each tenant's within
+        `max_resident_runs_per_tenant`. Runs that cannot leave (pending gradients, queued
+        work) stay, so the bound may be passed until they can; returns the runs unloaded."""
+        if self.state_dir is None or not (self.max_resident_runs
+                                          or self.max_resident_runs_per_tenant):
+            return []
+        after = self._resident | needed
+        over_total = (len(after) - self.max_resident_runs if self.max_resident_runs else 0)
+        per_tenant: dict[str, int] = {}
+        for run in after:
+            t = self._owner.get(run, "")
+            per_tenant[t] = per_tenant.get(t, 0) + 1
+        limit = self.max_resident_runs_per_tenant
+        over = {t: n - limit for t, n in per_tenant.items() if limit and n > limit}
+        if over_total <= 0 and not over:
+            return []
+        victims: list[str] = []
+        for run in self._unloadable(exclude=needed):
+            t = self._owner.get(run, "")
+            if over.get(t, 0) > 0 or over_total > 0:
+                victims.append(run)
+                over[t] = over.get(t, 0) - 1
+                over_total -= 1
+            if over_total <= 0 and all(n <= 0 for n in over.values()):
+                break
+        unload = self._unload(victims)
+        if unload:
+            log.info("evicted %d least recently used runs of %s (resident bound %s, per "
+                     "tenant %s): %s", len(unload), self.base_model,
+                     self.max_resident_runs or "none", limit or "none", ", ".join(unload[:8]))
         return unload
 
     def _wire_result(self, req: ClaimedRequest, engine_result: dict[str, Any]) -> dict[str, Any]:
@@ -604,7 +974,8 @@ class ClockLoop:
             self.store.add_checkpoint(CheckpointRow(
                 run_id=req.run_id, owner=req.payload["owner"], kind=ck["kind"], name=ck["name"],
                 directory=ck["directory"], base_model=req.payload["base_model_name"],
-                size_bytes=int(engine_result.get("size_bytes", 0)),
+                size_bytes=int(engine_result.get("size_bytes", 0))
+                or directory_bytes(ck["directory"]),
                 ephemeral=bool(ck.get("ephemeral")), created_at=time.time()))
             if ck.get("sampler_id"):
                 self.store.add_sampler(SamplerRow(

@@ -78,10 +78,13 @@ def run_dir_name(run_id: str) -> str:
 
 def queue_full(e: QueueFullError) -> APIError:
     """The 429 for a full queue; its body carries the queue state (scope, queued, limit)."""
-    return APIError(429, f"{e}: {e.queued} queued, limit {e.limit} per {e.scope}. Wait for "
-                    "results before submitting more (the SDK retries this with backoff).",
-                    None, "queue_full",
-                    {"queue_state": {"scope": e.scope, "queued": e.queued, "limit": e.limit}})
+    flag = f" ({e.flag})" if e.flag else ""
+    unit = "" if e.unit == "requests" else f" {e.unit}"
+    return APIError(429, f"{e}: {e.queued}{unit} queued, limit {e.limit}{unit} per {e.scope}"
+                    f"{flag}. Wait for results before submitting more (the SDK retries this "
+                    "with backoff).", None, "queue_full",
+                    {"queue_state": {"scope": e.scope, "queued": e.queued, "limit": e.limit,
+                                     "unit": e.unit}})
 
 
 class BiosService:
@@ -122,12 +125,18 @@ class BiosService:
             engine = Engine.from_model_dir(model_dir, device=cfg.device,
                                            token_budget=cfg.token_budget)
             executor = InProcessExecutor(engine)
+            pass_tokens = int(engine.token_budget)
             clock = ClockLoop(base_model=canonical, store=self.store, executor=executor,
                               period=cfg.clock_period, notify=self.notify,
                               cycle_ids=self._next_cycle_id, state_dir=cfg.state_dir,
                               snapshot_steps=cfg.snapshot_steps,
                               snapshot_seconds=cfg.snapshot_seconds,
                               unload_idle_s=cfg.unload_idle_s,
+                              cycle_tokens=(4 * pass_tokens if cfg.cycle_tokens is None
+                                            else cfg.cycle_tokens),
+                              cycle_seconds=cfg.cycle_seconds, split_tokens=pass_tokens,
+                              max_resident_runs=cfg.max_resident_runs,
+                              max_resident_runs_per_tenant=cfg.max_resident_runs_per_tenant,
                               on_sample_progress=self._sample_progress)
             limits = ModelLimits(int(hf["vocab_size"]), self.registry.context_length(canonical))
             self.models[canonical] = ServedModel(canonical, str(hf.get("model_type", "llama")),
@@ -184,7 +193,8 @@ class BiosService:
         return run
 
     def _submit(self, owner: str, run: RunRow, seq_id: int, kind: str,
-                payload: dict[str, Any]) -> T.UntypedAPIFuture:
+                payload: dict[str, Any], tokens: int = 0,
+                datum_tokens: int = 0) -> T.UntypedAPIFuture:
         if run.lost_reason:
             raise APIError(409, f"run {run.id!r} cannot take new work: {run.lost_reason}",
                            "model_id", "run_lost")
@@ -199,7 +209,10 @@ class BiosService:
                                           **payload},
                                  max_queued_per_run=self.config.max_queued_per_run,
                                  max_queued_total=self.config.max_queued_total,
-                                 max_queued_per_tenant=self.config.max_queued_per_tenant)
+                                 max_queued_per_tenant=self.config.max_queued_per_tenant,
+                                 tokens=tokens, datum_tokens=datum_tokens,
+                                 max_queued_tokens_per_tenant=(
+                                     self.config.max_queued_tokens_per_tenant))
         except SeqConflictError as e:
             raise APIError(409, str(e), "seq_id", "seq_conflict") from e
         except QueueFullError as e:
@@ -221,7 +234,25 @@ class BiosService:
 
     # ------------------------------------------------------------------ sessions, models
 
+    def _check_metadata(self, metadata: dict[str, Any] | None) -> None:
+        size = len(json.dumps(metadata or {}))
+        if self.config.max_metadata_bytes and size > self.config.max_metadata_bytes:
+            raise APIError(413, f"user_metadata is {size} bytes as JSON, more than this "
+                           f"server's limit of {self.config.max_metadata_bytes} "
+                           "(--max-metadata-bytes); store less", "user_metadata")
+
+    def _check_stored_bytes(self, owner: str) -> None:
+        limit = self.config.max_stored_bytes_per_tenant
+        if limit and (used := self.db.stored_bytes(owner)) >= limit:
+            # A 4xx, not a 507: waiting does not help (the SDK retries 5xx), and a 4xx fills
+            # the request's seq slot so the run's later requests go on.
+            raise APIError(413, f"tenant {owner!r} stores {used} bytes of checkpoints and "
+                           f"user_metadata, at this server's limit of {limit} per tenant "
+                           "(--max-stored-bytes-per-tenant); delete checkpoints to save more",
+                           "path", "storage_full")
+
     def create_session(self, owner: str, req: T.CreateSessionRequest) -> T.CreateSessionResponse:
+        self._check_metadata(req.user_metadata)
         sid = self.db.create_session(owner, req.tags, req.user_metadata)
         return T.CreateSessionResponse(session_id=sid)
 
@@ -238,6 +269,14 @@ class BiosService:
                            "session_id")
         served = self._served(req.base_model)
         check_lora_config(req.lora_config, self.config.max_rank)
+        self._check_metadata(req.user_metadata)
+        limit = self.config.max_resident_runs_per_tenant
+        if limit and (pinned := served.clock.pinned_runs(owner)) >= limit:
+            raise APIError(429, f"tenant {owner!r} has {pinned} runs holding gradients that no "
+                           f"optim_step has applied, at this server's limit of {limit} resident "
+                           "runs per tenant (--max-resident-runs-per-tenant); call optim_step "
+                           "on them (or finish them) before creating another run",
+                           "base_model", "resident_runs")
         check_int(req.model_seq_id, "model_seq_id")
         run_id = f"{req.session_id}:train:{req.model_seq_id}"
         cfg = req.lora_config
@@ -290,10 +329,13 @@ class BiosService:
         forward_only = isinstance(req, T.ForwardRequest)
         inp = req.forward_input if forward_only else req.forward_backward_input  # type: ignore[union-attr]
         prefix = "forward_input" if forward_only else "forward_backward_input"
-        check_forward_backward(inp, self.models[run.canonical_model].limits,
-                               self.config.max_tokens_per_request, prefix)
+        tokens = check_forward_backward(inp, self.models[run.canonical_model].limits,
+                                        self.config.max_tokens_per_request, prefix)
         kind = "forward" if forward_only else "forward_backward"
-        return self._submit(owner, run, req.seq_id, kind, {"wire": req.model_dump(mode="json")})
+        longest = max((sum(len(c.tokens) for c in d.model_input.chunks) for d in inp.data),
+                      default=0)
+        return self._submit(owner, run, req.seq_id, kind, {"wire": req.model_dump(mode="json")},
+                            tokens=tokens, datum_tokens=longest)
 
     def optim_step(self, owner: str, req: T.OptimStepRequest) -> T.UntypedAPIFuture:
         run = self._owned_run(owner, req.model_id)
@@ -303,6 +345,7 @@ class BiosService:
     def save_weights(self, owner: str, req: T.SaveWeightsRequest) -> T.UntypedAPIFuture:
         run = self._owned_run(owner, req.model_id)
         name = check_name(req.path, "path")
+        self._check_stored_bytes(owner)
         if not req.overwrite and self.db.get_checkpoint(run.id, "training", name):
             raise APIError(409, f"checkpoint {name!r} already exists for this run; pick another "
                            "name or pass overwrite=True", "path", "exists")
@@ -315,6 +358,7 @@ class BiosService:
     def save_weights_for_sampler(self, owner: str, req: T.SaveWeightsForSamplerRequest
                                  ) -> T.UntypedAPIFuture:
         run = self._owned_run(owner, req.model_id)
+        self._check_stored_bytes(owner)
         if req.path:
             name = check_name(req.path, "path")
             ck: dict[str, Any] = {"kind": "sampler", "name": name,

@@ -17,7 +17,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +39,14 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    defer,
+    mapped_column,
+    sessionmaker,
+)
 
 QUEUED, RUNNING, COMPLETED, FAILED = "queued", "running", "completed", "failed"
 TERMINAL = (COMPLETED, FAILED)
@@ -106,6 +113,10 @@ class RequestRow(Base):
     started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     completed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     cycle_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # forward/forward_backward: the batch's token count (the scheduler's fair-share cost and
+    # the per-tenant queued-token limit); 0 or NULL (rows from before the column) for others.
+    tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    datum_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)  # longest datum
 
 
 class CheckpointRow(Base):
@@ -190,6 +201,24 @@ class ClaimedRequest:
     payload: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class Pending:
+    """A runnable queued request as the fair-share selection sees it (no payload)."""
+
+    id: str
+    run_id: str
+    owner: str
+    seq_id: int
+    kind: str
+    tokens: int  # forward/forward_backward tokens; 0 for every other kind
+    datum_tokens: int = 0  # its longest datum (the smallest part it splits into; 0: unknown)
+
+
+# Chooses, from each run's runnable requests (in seq order), how many to claim this cycle:
+# run id -> a count of that run's leading requests (a run left out gets none).
+Selector = Callable[[dict[str, list[Pending]]], dict[str, int]]
+
+
 # Request kinds whose effects are in a run's state (weights, AdamW moments, gradients).
 REPLAYED_KINDS = ("forward_backward", "optim_step", "load_weights")
 
@@ -240,11 +269,14 @@ class SeqConflictError(Exception):
 class QueueFullError(Exception):
     """Too many queued requests; carries the queue state for the 429 body."""
 
-    def __init__(self, message: str, queued: int, limit: int, scope: str = "server"):
+    def __init__(self, message: str, queued: int, limit: int, scope: str = "server",
+                 unit: str = "requests", flag: str | None = None):
         super().__init__(message)
         self.queued = queued
         self.limit = limit
         self.scope = scope  # "server" | "tenant" | "run"
+        self.unit = unit  # what queued and limit count: "requests" | "tokens"
+        self.flag = flag  # the `bios serve` flag that sets the limit
 
 
 class Store:
@@ -424,13 +456,17 @@ class Store:
     def submit(self, *, owner: str, run_id: str | None, seq_id: int | None, kind: str,
                base_model: str, payload: dict[str, Any], sampler_id: str | None = None,
                max_queued_per_run: int = 0, max_queued_total: int = 0,
-               max_queued_per_tenant: int = 0) -> str:
+               max_queued_per_tenant: int = 0, tokens: int = 0,
+               max_queued_tokens_per_tenant: int = 0, datum_tokens: int = 0) -> str:
         """Store a request durably and return its id.
 
         A retry of the same (run, seq_id) with the same payload returns the original id; a
-        different payload in an occupied slot raises SeqConflictError.
+        different payload in an occupied slot raises SeqConflictError. `tokens` is the
+        request's pass tokens; with `max_queued_tokens_per_tenant`, a request that would take
+        the tenant's unfinished (queued or running) tokens past it raises QueueFullError.
         """
-        limited = bool(max_queued_per_run or max_queued_total or max_queued_per_tenant)
+        limited = bool(max_queued_per_run or max_queued_total or max_queued_per_tenant
+                       or max_queued_tokens_per_tenant)
         try:
             with self._admission if limited else contextlib.nullcontext():
                 return self._submit(owner=owner, run_id=run_id, seq_id=seq_id, kind=kind,
@@ -438,7 +474,9 @@ class Store:
                                     sampler_id=sampler_id,
                                     max_queued_per_run=max_queued_per_run,
                                     max_queued_total=max_queued_total,
-                                    max_queued_per_tenant=max_queued_per_tenant)
+                                    max_queued_per_tenant=max_queued_per_tenant,
+                                    tokens=tokens, datum_tokens=datum_tokens,
+                                    max_queued_tokens_per_tenant=max_queued_tokens_per_tenant)
         except IntegrityError as e:  # a concurrent submit took the (run|sampler, seq) slot
             if seq_id is None or (run_id is None and sampler_id is None):
                 raise
@@ -455,7 +493,8 @@ class Store:
     def _submit(self, *, owner: str, run_id: str | None, seq_id: int | None, kind: str,
                 base_model: str, payload: dict[str, Any], sampler_id: str | None,
                 max_queued_per_run: int, max_queued_total: int,
-                max_queued_per_tenant: int = 0) -> str:
+                max_queued_per_tenant: int = 0, tokens: int = 0,
+                max_queued_tokens_per_tenant: int = 0, datum_tokens: int = 0) -> str:
         digest = payload_digest(payload)
         with self.tx() as s:
             if run_id is not None and seq_id is not None:
@@ -495,11 +534,22 @@ class Store:
                 if queued >= max_queued_per_run:
                     raise QueueFullError(f"run {run_id!r} has {queued} queued requests",
                                          queued, max_queued_per_run, "run")
+            if max_queued_tokens_per_tenant and tokens:
+                # Running requests count too: a split request runs over several cycles.
+                unfinished = int(s.execute(select(func.coalesce(func.sum(RequestRow.tokens), 0))
+                                 .where(RequestRow.owner == owner,
+                                        RequestRow.status.in_([QUEUED, RUNNING]))).scalar_one())
+                if unfinished + tokens > max_queued_tokens_per_tenant:
+                    raise QueueFullError(
+                        f"tenant {owner!r} has {unfinished} tokens queued or running and this "
+                        f"request adds {tokens}", unfinished, max_queued_tokens_per_tenant,
+                        "tenant", "tokens", "--max-queued-tokens-per-tenant")
             rid = new_request_id()
             s.add(RequestRow(id=rid, owner=owner, run_id=run_id, sampler_id=sampler_id,
                              seq_id=seq_id, kind=kind, base_model=base_model,
                              payload=json.dumps(payload), payload_hash=digest, status=QUEUED,
-                             created_at=time.time()))
+                             created_at=time.time(), tokens=tokens,
+                             datum_tokens=datum_tokens))
             s.flush()  # here, not in the update's autoflush; IntegrityError is handled by submit
             if run_id is not None:
                 s.execute(update(RunRow).where(RunRow.id == run_id)
@@ -546,31 +596,36 @@ class Store:
                 RequestRow.base_model == base_model, RequestRow.status == QUEUED,
                 RequestRow.kind == "sample").limit(1)).first() is not None
 
-    def claim_cycle(self, base_model: str, cutoff: float) -> list[ClaimedRequest]:
-        """Take every request of this base model that is runnable now, in per-run seq order.
+    def claim_cycle(self, base_model: str, cutoff: float,
+                    choose: Selector | None = None) -> list[ClaimedRequest]:
+        """Take the requests of this base model that are runnable now, in per-run seq order.
 
-        Per run: queued requests created at or before `cutoff`, contiguous from `next_seq`
-        (slots already failed at submit are skipped). They become RUNNING and the run's
-        `next_seq` moves past them.
+        Per run, the runnable requests are the queued ones created at or before `cutoff`,
+        contiguous from `next_seq` (slots already failed at submit are skipped). `choose`
+        (default: all of them) sees them as `Pending` rows and says how many of each run's
+        leading ones to take; those become RUNNING and the run's `next_seq` moves past them,
+        so the rest of a run (carried over to a later cycle) keeps its order.
         """
         claimed: list[ClaimedRequest] = []
         now = time.time()
         with self.tx() as s:
-            rows = s.execute(
-                select(RequestRow, RunRow.next_seq)
-                .join(RunRow, RunRow.id == RequestRow.run_id)
+            runs = sorted(set(s.execute(
+                select(RequestRow.run_id).distinct()
                 .where(RequestRow.base_model == base_model, RequestRow.status == QUEUED,
-                       RequestRow.created_at <= cutoff)
-                .order_by(RequestRow.run_id, RequestRow.seq_id)).all()
-            runs = sorted({r.RequestRow.run_id for r in rows})
+                       RequestRow.created_at <= cutoff, RequestRow.run_id.is_not(None))
+            ).scalars()))
+            walks: dict[str, tuple[RunRow, list[tuple[RequestRow, int]]]] = {}
             for run_id in runs:
                 run = s.get(RunRow, run_id)
                 assert run is not None
-                # All rows at or past next_seq, terminal ones included, to walk the sequence.
-                seq_rows = s.execute(select(RequestRow).where(
-                    RequestRow.run_id == run_id, RequestRow.seq_id >= run.next_seq)
-                    .order_by(RequestRow.seq_id)).scalars().all()
+                # All rows at or past next_seq, terminal ones included, to walk the sequence;
+                # payloads are read only for the rows taken.
+                seq_rows = s.execute(select(RequestRow).options(defer(RequestRow.payload))
+                                     .where(RequestRow.run_id == run_id,
+                                            RequestRow.seq_id >= run.next_seq)
+                                     .order_by(RequestRow.seq_id)).scalars().all()
                 expected = run.next_seq
+                runnable: list[tuple[RequestRow, int]] = []  # (row, next_seq after taking it)
                 for req in seq_rows:
                     if req.seq_id != expected:
                         break  # a gap: the predecessor has not arrived yet
@@ -579,13 +634,46 @@ class Store:
                         continue
                     if req.status != QUEUED or req.created_at > cutoff:
                         break
+                    expected += 1
+                    runnable.append((req, expected))
+                if runnable:
+                    walks[run_id] = (run, runnable)
+            if choose is None:
+                take = {run_id: len(rows) for run_id, (_, rows) in walks.items()}
+            else:
+                take = choose({run_id: [Pending(r.id, run_id, r.owner, int(r.seq_id or 0),
+                                                r.kind, int(r.tokens or 0),
+                                                int(r.datum_tokens or 0)) for r, _ in rows]
+                               for run_id, (_, rows) in walks.items()})
+            for run_id, (run, rows) in walks.items():
+                n = min(take.get(run_id, 0), len(rows))
+                if n <= 0:
+                    continue
+                ids = [r.id for r, _ in rows[:n]]
+                payloads = dict(s.execute(select(RequestRow.id, RequestRow.payload)
+                                          .where(RequestRow.id.in_(ids))).all())
+                for req, _ in rows[:n]:
                     req.status = RUNNING
                     req.started_at = now
                     claimed.append(ClaimedRequest(req.id, req.run_id, req.seq_id, req.kind,
-                                                  json.loads(req.payload)))
-                    expected += 1
-                run.next_seq = expected
+                                                  json.loads(payloads[req.id])))
+                # Taking all: past trailing failed slots too, as before; else just past the
+                # last taken (the walk skips failed slots again next time).
+                run.next_seq = (rows[n - 1][1] if n < len(rows) else
+                                max(rows[-1][1], self._past_terminal(s, run_id, rows[-1][1])))
         return claimed
+
+    @staticmethod
+    def _past_terminal(s: Session, run_id: str, seq: int) -> int:
+        """The first seq id at or after `seq` that is not a terminal (failed-at-submit) slot."""
+        rows = s.execute(select(RequestRow.seq_id, RequestRow.status).where(
+            RequestRow.run_id == run_id, RequestRow.seq_id >= seq)
+            .order_by(RequestRow.seq_id)).all()
+        for seq_id, status in rows:
+            if seq_id != seq or status not in TERMINAL:
+                break
+            seq += 1
+        return seq
 
     def claim_samples(self, base_model: str, limit: int) -> list[ClaimedRequest]:
         """Take up to `limit` queued sample requests of this base model, oldest first."""
@@ -761,6 +849,17 @@ class Store:
             return list(s.execute(select(CheckpointRow).where(
                 CheckpointRow.run_id == run_id, CheckpointRow.ephemeral.is_(False))
                 .order_by(CheckpointRow.created_at)).scalars().all())
+
+    def stored_bytes(self, owner: str) -> int:
+        """What a tenant stores: its checkpoints' bytes plus its sessions' and runs'
+        user_metadata (the per-tenant stored-bytes limit)."""
+        with self.tx() as s:
+            ckpts = s.execute(select(func.coalesce(func.sum(CheckpointRow.size_bytes), 0))
+                              .where(CheckpointRow.owner == owner)).scalar_one()
+            meta = sum(s.execute(select(func.coalesce(func.sum(func.length(t.user_metadata)),
+                                                      0)).where(t.owner == owner)).scalar_one()
+                       for t in (SessionRow, RunRow))
+        return int(ckpts) + int(meta)
 
     def set_checkpoint_public(self, ckpt_id: int, public: bool) -> None:
         with self.tx() as s:

@@ -147,7 +147,8 @@ def check_forward_backward(inp: T.ForwardBackwardInput, limits: ModelLimits, max
         total += n
     if total > max_tokens:
         raise APIError(413, f"the batch has {total} tokens, more than this server's limit of "
-                       f"{max_tokens} per request; split it into several forward_backward calls",
+                       f"{max_tokens} per request (--max-tokens-per-request); split it into "
+                       "several forward_backward calls",
                        f"{prefix}.data")
     return total
 

@@ -474,13 +474,15 @@ class Engine:
                 results[i] = self._failure(op.request_id, exc)
         try:
             self._run_works(works, counters)
-            results.update({w.index: OpResult(w.op.request_id, True, w.result()) for w in works})
+            results.update({w.index: OpResult(w.op.request_id, True, w.result(),
+                                              loss_tokens=w.loss_tokens) for w in works})
         except Exception:
             log.warning("batched passes failed; rerunning %d ops one by one", len(works))
             for w in works:
                 try:
                     self._run_works([w], counters)
-                    results[w.index] = OpResult(w.op.request_id, True, w.result())
+                    results[w.index] = OpResult(w.op.request_id, True, w.result(),
+                                                  loss_tokens=w.loss_tokens)
                 except Exception as exc:
                     results[w.index] = self._failure(w.op.request_id, exc)
         return [results[i] for i in range(len(group.ops))]
