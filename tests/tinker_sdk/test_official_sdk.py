@@ -10,30 +10,15 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from sdk_venvs import SDK_VERSIONS, SDKUnavailable, venv_python
+from tinker_server import TINY, TML_KEY
 
-from bios.server.auth import hash_key
 from server_process import ServerProcess
 
-TINY = "bios/tiny-llama"
-TML_KEY = "tml-bios-compat-test-key"
 DRIVER = Path(__file__).with_name("sdk_driver.py")
-
-
-@pytest.fixture(scope="module")
-def tinker_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """A server whose keys file holds a Tinker-style `tml-` key (tenant `tinker-user`)."""
-    root = tmp_path_factory.mktemp("tinker")
-    keys = root / "keys"
-    keys.write_text(f"tinker-user:{hash_key(TML_KEY)}\n")
-    proc = ServerProcess(root / "data", [TINY], extra_args=["--api-keys-file", str(keys)])
-    proc.start()
-    yield proc
-    proc.stop()
 
 
 def run_driver(version: str, base_url: str) -> list[dict]:
