@@ -15,8 +15,9 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-LossFnType = Literal["cross_entropy", "importance_sampling", "ppo", "cispo", "dro"]
-LOSS_FNS: tuple[str, ...] = ("cross_entropy", "importance_sampling", "ppo", "cispo", "dro")
+LossFnType = Literal["cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo"]
+LOSS_FNS: tuple[str, ...] = ("cross_entropy", "importance_sampling", "ppo", "cispo", "dro",
+                             "gspo")
 
 # Which `loss_fn_inputs` each loss needs, and which `loss_fn_config` keys it accepts (defaults).
 LOSS_REQUIRED_INPUTS: dict[str, tuple[str, ...]] = {
@@ -25,6 +26,7 @@ LOSS_REQUIRED_INPUTS: dict[str, tuple[str, ...]] = {
     "ppo": ("target_tokens", "logprobs", "advantages"),
     "cispo": ("target_tokens", "logprobs", "advantages"),
     "dro": ("target_tokens", "logprobs", "advantages"),
+    "gspo": ("target_tokens", "logprobs", "advantages", "sequence_ratio_mask"),
 }
 LOSS_CONFIG_DEFAULTS: dict[str, dict[str, float]] = {
     "cross_entropy": {},
@@ -32,6 +34,8 @@ LOSS_CONFIG_DEFAULTS: dict[str, dict[str, float]] = {
     "ppo": {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2},
     "cispo": {"clip_low_threshold": 0.0, "clip_high_threshold": 4.0},
     "dro": {"beta": 0.05},
+    # Tinker's docs do not state gspo's defaults; Bios uses ppo's.
+    "gspo": {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2},
 }
 # Known per-token inputs and their dtype; anything else is rejected with a clear error.
 LOSS_INPUT_DTYPES: dict[str, str] = {
@@ -39,6 +43,7 @@ LOSS_INPUT_DTYPES: dict[str, str] = {
     "weights": "float32",
     "advantages": "float32",
     "logprobs": "float32",
+    "sequence_ratio_mask": "float32",  # gspo: the tokens whose log-ratios make the sequence's
 }
 
 

@@ -110,6 +110,19 @@ def main() -> None:
 
     step("forward_backward_ppo_config", rl_loss)
 
+    def gspo() -> dict:
+        n = len(SEQ) - 1
+        d = types.Datum(model_input=types.ModelInput.from_ints(SEQ[:-1]), loss_fn_inputs={
+            "target_tokens": np.array(SEQ[1:], dtype=np.int64),
+            "logprobs": np.full(n, -2.0, dtype=np.float32),
+            "advantages": np.ones(n, dtype=np.float32),
+            "sequence_ratio_mask": np.ones(n, dtype=np.float32)})
+        out = result(tc.forward_backward([d], "gspo"))
+        return {"metrics": out.metrics}
+
+    if VERSION >= (0, 38):  # the loss and its input key arrived in the SDK after 0.25
+        step("forward_backward_gspo", gspo)
+
     def custom() -> dict:
         def loss_fn(data: list, logprobs: list) -> tuple:
             total = sum(-lp.sum() for lp in logprobs)
@@ -118,8 +131,8 @@ def main() -> None:
         out = result(tc.forward_backward_custom([datum()], loss_fn))
         return {"metrics": out.metrics}
 
-    if VERSION < (0, 38):  # 0.38 traces custom losses with torch.fx (server side when offered)
-        step("forward_backward_custom", custom)
+    # Client-side in both generations: Bios does not offer custom_loss_server_side.
+    step("forward_backward_custom", custom)
 
     def save_state() -> dict:
         kw: dict[str, Any] = {"ttl_seconds": 3600} if VERSION >= (0, 33) else {}
@@ -156,6 +169,17 @@ def main() -> None:
 
     step("save_weights_and_get_sampling_client", sample_saved)
 
+    def inflight() -> dict:
+        sc = tc.save_weights_and_get_sampling_client(kind="inflight")
+        first = sample_from(sc, 1)
+        result(tc.forward_backward([datum()], "cross_entropy"))
+        result(tc.optim_step(types.AdamParams(learning_rate=5e-3)))
+        tc.save_weights_and_get_sampling_client(kind="inflight")  # the old client follows it
+        return {"before": first, "after": sample_from(sc, 1)}
+
+    if VERSION >= (0, 38):
+        step("inflight_sampling_client", inflight)
+
     def sample_path() -> dict:
         sc = service.create_sampling_client(model_path=results["sampler_path"])
         return sample_from(sc, 1)
@@ -182,13 +206,31 @@ def main() -> None:
     if "state_path" in results:
         step("create_training_client_from_state_with_optimizer", from_state)
 
+    def load_state() -> dict:
+        result(tc.load_state(results["state_path"]))
+        result(tc.load_state_with_optimizer(results["state_path"]))
+        out = result(tc.forward([datum()], "cross_entropy"))
+        return {"loss_sum": out.metrics["loss:sum"]}
+
+    if "state_path" in results:
+        step("load_state", load_state)
+
     def rest() -> dict:
         rc = service.create_rest_client()
         runs = result(rc.list_training_runs())
         assert runs.training_runs, runs
-        run_id = runs.training_runs[0].training_run_id
+        run_id = results["state_path"].removeprefix("tinker://").split("/")[0]
+        run = result(rc.get_training_run(run_id))
+        assert run.training_run_id == run_id, run
         cks = result(rc.list_checkpoints(run_id))
-        return {"runs": len(runs.training_runs), "checkpoints": len(cks.checkpoints)}
+        paths = [c.tinker_path for c in cks.checkpoints]
+        assert results["state_path"] in paths, paths
+        result(rc.publish_checkpoint_from_tinker_path(results["state_path"]))
+        result(rc.unpublish_checkpoint_from_tinker_path(results["state_path"]))
+        result(rc.delete_checkpoint_from_tinker_path(results["sampler_path"]))
+        left = [c.tinker_path for c in result(rc.list_checkpoints(run_id)).checkpoints]
+        assert results["sampler_path"] not in left, left
+        return {"runs": len(runs.training_runs), "checkpoints": paths}
 
     step("rest_client", rest)
 

@@ -53,4 +53,8 @@ def test_official_sdk_drives_bios(version: str, tinker_server: ServerProcess) ->
     if version >= "0.26":  # every sampled sequence carries the id the server gave it
         ids = by_name["save_weights_and_get_sampling_client"]["sequence_ids"]
         assert len(set(ids)) == 2 and all(ids), ids
-    assert "close" in by_name
+    if version >= "0.38":  # created by one load_weights, under the id the SDK computed
+        model_id = by_name["create_training_client_from_state_with_optimizer"]["model_id"]
+        assert ":train:" in model_id, model_id
+        assert "inflight_sampling_client" in by_name
+    assert by_name["save_state"]["path"].startswith("tinker://")
