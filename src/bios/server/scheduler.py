@@ -377,7 +377,7 @@ class ClockLoop:
                 u.steps += isinstance(op, P.OptimStepOp)
                 # A load (or a creation from a checkpoint) is snapshotted at once: replaying
                 # the log after a crash recreates runs fresh, without the loaded weights.
-                u.force = u.force or not isinstance(op, P.OptimStepOp)
+                u.force = u.force or isinstance(op, P.LoadStateOp | P.CreateAdapterOp)
         for run, c in clean.items():  # a run holding gradients cannot be unloaded
             (self._dirty.discard if c else self._dirty.add)(run)
         last_seq: dict[str, int] = {}
