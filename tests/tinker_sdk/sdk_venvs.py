@@ -34,7 +34,10 @@ def venv_python(version: str) -> Path:
         _share_torch(root)
         return python
     root.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "venv", "--clear", str(root)], check=True)
+    made = subprocess.run([sys.executable, "-m", "venv", "--clear", str(root)],
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        raise SDKUnavailable(f"cannot create a virtual environment: {made.stderr.strip()[-800:]}")
     pip = subprocess.run([str(python), "-m", "pip", "install", "-q",
                           "--disable-pip-version-check", f"tinker=={version}"],
                          capture_output=True, text=True)
