@@ -15,8 +15,9 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-LossFnType = Literal["cross_entropy", "importance_sampling", "ppo", "cispo", "dro"]
-LOSS_FNS: tuple[str, ...] = ("cross_entropy", "importance_sampling", "ppo", "cispo", "dro")
+LossFnType = Literal["cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo"]
+LOSS_FNS: tuple[str, ...] = ("cross_entropy", "importance_sampling", "ppo", "cispo", "dro",
+                             "gspo")
 
 # Which `loss_fn_inputs` each loss needs, and which `loss_fn_config` keys it accepts (defaults).
 LOSS_REQUIRED_INPUTS: dict[str, tuple[str, ...]] = {
@@ -25,6 +26,7 @@ LOSS_REQUIRED_INPUTS: dict[str, tuple[str, ...]] = {
     "ppo": ("target_tokens", "logprobs", "advantages"),
     "cispo": ("target_tokens", "logprobs", "advantages"),
     "dro": ("target_tokens", "logprobs", "advantages"),
+    "gspo": ("target_tokens", "logprobs", "advantages", "sequence_ratio_mask"),
 }
 LOSS_CONFIG_DEFAULTS: dict[str, dict[str, float]] = {
     "cross_entropy": {},
@@ -32,6 +34,8 @@ LOSS_CONFIG_DEFAULTS: dict[str, dict[str, float]] = {
     "ppo": {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2},
     "cispo": {"clip_low_threshold": 0.0, "clip_high_threshold": 4.0},
     "dro": {"beta": 0.05},
+    # Tinker's docs do not state gspo's defaults; Bios uses ppo's.
+    "gspo": {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2},
 }
 # Known per-token inputs and their dtype; anything else is rejected with a clear error.
 LOSS_INPUT_DTYPES: dict[str, str] = {
@@ -39,6 +43,7 @@ LOSS_INPUT_DTYPES: dict[str, str] = {
     "weights": "float32",
     "advantages": "float32",
     "logprobs": "float32",
+    "sequence_ratio_mask": "float32",  # gspo: the tokens whose log-ratios make the sequence's
 }
 
 
@@ -267,10 +272,15 @@ class CreateModelResponse(LenientModel):
 
 
 class UntypedAPIFuture(LenientModel):
-    """What every submit endpoint returns at once: the durable id of the queued request."""
+    """What every submit endpoint returns at once: the durable id of the queued request.
+
+    `sample_sequence_ids` (sample requests only): one id per requested sample, which Tinker's
+    SDK (0.26 and later) attaches to each returned sequence.
+    """
 
     request_id: str
     model_id: str | None = None
+    sample_sequence_ids: list[str] | None = None
 
 
 class TryAgainResponse(LenientModel):
@@ -456,6 +466,7 @@ class CreateSessionRequest(StrictModel):
     user_metadata: dict[str, str] | None = None
     sdk_version: str | None = None
     project_id: str | None = None
+    display_name: str | None = None  # Tinker 0.38: a label for the session (kept nowhere yet)
     type: Literal["create_session"] = "create_session"
 
 
@@ -464,12 +475,21 @@ class SessionHeartbeatRequest(StrictModel):
     type: Literal["session_heartbeat"] = "session_heartbeat"
 
 
+class OptimizerConfig(BaseModel):
+    """The optimizer a run trains with, fixed at creation (Tinker 0.38). Bios has AdamW only;
+    other families (`dimuon`) are refused at submit time with a 400 naming the type."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str = "adamw"
+
+
 class CreateModelRequest(StrictModel):
     session_id: str
     model_seq_id: int = 0
     base_model: str
     lora_config: LoraConfig = Field(default_factory=LoraConfig)
     user_metadata: dict[str, str] | None = None
+    optimizer_config: OptimizerConfig | None = None
     type: Literal["create_model"] = "create_model"
 
 
@@ -500,6 +520,8 @@ class ForwardRequest(StrictModel):
 
 class OptimStepRequest(StrictModel):
     adam_params: AdamParams = Field(default_factory=AdamParams)
+    # Tinker 0.38 sends a non-Adam family's step parameters here (refused: AdamW only).
+    optimizer_params: dict[str, Any] | None = None
     model_id: str
     seq_id: int
     type: Literal["optim_step"] = "optim_step"
@@ -511,6 +533,7 @@ class SaveWeightsRequest(StrictModel):
     seq_id: int
     ttl_seconds: int | None = None
     overwrite: bool = False
+    user_metadata: dict[str, str] | None = None
     type: Literal["save_weights"] = "save_weights"
 
 
@@ -520,15 +543,27 @@ class SaveWeightsForSamplerRequest(StrictModel):
     path: str | None = None
     sampling_session_seq_id: int | None = None
     ttl_seconds: int | None = None
+    user_metadata: dict[str, str] | None = None
+    # Tinker 0.38: "snapshot" (fixed weights) or "inflight" (follows the run's newest save).
+    kind: Literal["snapshot", "inflight"] = "snapshot"
     type: Literal["save_weights_for_sampler"] = "save_weights_for_sampler"
 
 
 class LoadWeightsRequest(StrictModel):
-    model_id: str
+    """Load a checkpoint into a run (`model_id`, `seq_id`), or, as Tinker 0.38's
+    create_training_client_from_state does, create the run from it: `session_id` and
+    `model_seq_id` instead, and the run's id is `{session_id}:train:{model_seq_id}`."""
+
+    model_id: str | None = None
     path: str
-    seq_id: int
+    seq_id: int | None = None
     optimizer: bool = False
     weights_access_token: str | None = None
+    session_id: str | None = None
+    model_seq_id: int | None = None
+    base_model: str | None = None
+    user_metadata: dict[str, str] | None = None
+    optimizer_config: OptimizerConfig | None = None
     type: Literal["load_weights"] = "load_weights"
 
 
@@ -548,8 +583,14 @@ class SampleRequest(StrictModel):
     num_samples: int = 1
     prompt: ModelInput
     sampling_params: SamplingParams
-    prompt_logprobs: bool = False
+    prompt_logprobs: bool | None = False
     topk_prompt_logprobs: int = 0
+    # Tinker 0.38's sampling extras: accepted at their defaults, refused otherwise (400).
+    topk_sample_logprobs: int = 0
+    target_prompt_logprobs: dict[str, Any] | None = None
+    prompt_alt_tokens_k: int = 0
+    prompt_logprobs_last_n: int | None = None
+    record_stability_info: bool | None = None
     type: Literal["sample"] = "sample"
 
 

@@ -188,3 +188,38 @@ def test_target_logprobs_gradient_matches_autograd(dtype, block_rows):
     assert ours.grad.dtype == dtype
     tol = {} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 1e-2}
     torch.testing.assert_close(ours.grad, ref.grad, **tol)
+
+
+def test_gspo_uses_each_sequences_masked_mean_log_ratio() -> None:
+    # Two datums of 3 tokens: datum 0 masks its last token out of the ratio, datum 1 is all in.
+    q = torch.tensor([-1.0, -2.0, -1.5, -0.5, -1.0, -2.0])
+    delta = torch.tensor([0.1, -0.3, 2.0, 0.05, 0.05, 0.05])  # lp - q
+    lp = (q + delta).requires_grad_()
+    adv = torch.tensor([1.0, 1.0, 1.0, -1.0, -1.0, -1.0])
+    mask = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0, 1.0])
+    inputs = {"target_tokens": torch.zeros(6, dtype=torch.int64), "logprobs": q,
+              "advantages": adv, "sequence_ratio_mask": mask, "weights": torch.ones(6)}
+    cfg = resolve_loss_config("gspo", {"clip_low_threshold": 0.9, "clip_high_threshold": 1.1})
+    losses = datum_losses("gspo", lp, inputs, [3, 3], cfg)
+    s0, s1 = (0.1 - 0.3) / 2, 0.05  # the masked means; datum 0's third token is left out
+    r0, r1 = math.exp(s0), math.exp(s1)  # both inside [0.9, 1.1]: unclipped
+    assert losses.tolist() == pytest.approx([-3 * r0, 3 * r1], rel=1e-5)
+    losses.sum().backward()
+    # Each token's gradient is its own: d/d lp_t of -r * A_t, with r = exp(s + lp_t - sg(lp_t)).
+    want = [-r0, -r0, -r0, r1, r1, r1]
+    assert lp.grad.tolist() == pytest.approx(want, rel=1e-5)
+
+
+def test_gspo_clips_like_ppo_and_needs_its_mask() -> None:
+    q = torch.tensor([-1.0, -1.0])
+    lp = (q + 1.0).requires_grad_()  # sequence ratio e: above the clip
+    inputs = {"target_tokens": torch.zeros(2, dtype=torch.int64), "logprobs": q,
+              "advantages": torch.tensor([1.0, 1.0]), "sequence_ratio_mask": torch.ones(2),
+              "weights": torch.ones(2)}
+    loss = total("gspo", lp, inputs)
+    assert loss.item() == pytest.approx(-2 * 1.2)  # min(e * A, 1.2 * A) per token
+    loss.backward()
+    assert lp.grad.tolist() == [0.0, 0.0]  # the clipped term carries no gradient
+    with pytest.raises(ValueError, match="sequence_ratio_mask"):
+        datum_loss_inputs("gspo", {"target_tokens": [0], "logprobs": [0.0],
+                                   "advantages": [1.0]}, 1)

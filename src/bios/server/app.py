@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
@@ -26,8 +27,12 @@ from bios.server.config import ServerConfig
 from bios.server.console_api import console_router
 from bios.server.http_guard import RequestGuard, error_response
 from bios.server.openai_api import OpenAIRoutes
+from bios.server.path_scheme import TinkerPathScheme
+from bios.server.proto_bodies import ProtobufBodies
 from bios.server.service import BiosService
+from bios.server.tinker_routes import add_tinker_routes
 from bios.server.validation import APIError
+from bios.server.wire_proto import PROTOBUF, encode_result
 
 log = logging.getLogger("bios.server")
 
@@ -108,6 +113,14 @@ def create_app(config: ServerConfig, service: BiosService | None = None) -> Fast
 
     app = FastAPI(title="Bios", version="0.1.0", lifespan=lifespan)
     keyring = KeyRing(tuple((str(t), str(h)) for t, h in config.api_keys))
+
+    async def reject_body(owner: str, run_id: str | None, seq_id: int | None, kind: str,
+                          err: APIError) -> None:
+        await run_in_threadpool(svc.reject, owner, run_id, seq_id, kind, err)
+
+    # Added first, so it runs inside RequestGuard (key and size are checked before decoding).
+    app.add_middleware(ProtobufBodies, max_body_bytes=config.max_body_bytes, reject=reject_body)
+    app.add_middleware(TinkerPathScheme)
     app.add_middleware(RequestGuard, keyring=keyring, max_body_bytes=config.max_body_bytes)
     app.state.service = svc
 
@@ -176,9 +189,7 @@ def create_app(config: ServerConfig, service: BiosService | None = None) -> Fast
     def capabilities() -> T.GetServerCapabilitiesResponse:
         return svc.capabilities()
 
-    @app.post(f"{api}/client/config")
-    def client_config() -> dict[str, Any]:
-        return {"pjwt_auth_enabled": False, "parallel_fwdbwd_chunks": False}
+    add_tinker_routes(app, svc, owner_of)
 
     @app.post(f"{api}/create_session")
     def create_session(request: Request, body: T.CreateSessionRequest) -> T.CreateSessionResponse:
@@ -253,6 +264,11 @@ def create_app(config: ServerConfig, service: BiosService | None = None) -> Fast
                 # The clock hands over the body it just stored; read it back only if not.
                 state = ev.body if ev.body is not None else await run_in_threadpool(
                     svc.future_state, owner, body.request_id)
+            if PROTOBUF in request.headers.get("accept", ""):
+                # Tinker's SDK reads ForwardBackwardOutput and SampleResponse only as protobuf.
+                proto = encode_result(state, json.loads)
+                if proto is not None:
+                    return Response(proto, media_type=PROTOBUF)
             return Response(state, media_type="application/json")
         finally:
             waiters.unregister(body.request_id, ev)

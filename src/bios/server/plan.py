@@ -46,10 +46,15 @@ class DatumRows:
 
 @dataclass(frozen=True)
 class CreateAdapterOp:
+    """Create a run's adapter; with `load_from`, then load that checkpoint into it (and its
+    AdamW state with `load_optimizer`), as one op: Tinker 0.38 creates runs that way."""
+
     request_id: str
     run_id: str
     spec: AdapterSpec
     kind: Literal["create"] = "create"
+    load_from: str | None = None
+    load_optimizer: bool = False
 
 
 @dataclass(frozen=True)

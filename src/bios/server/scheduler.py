@@ -57,7 +57,8 @@ def to_op(req: ClaimedRequest, run_spec: P.AdapterSpec | None) -> P.Step:
     run_id = req.run_id or ""
     if req.kind == "create":
         assert run_spec is not None
-        return P.CreateAdapterOp(req.id, run_id, run_spec)
+        return P.CreateAdapterOp(req.id, run_id, run_spec, load_from=p.get("load_from"),
+                                 load_optimizer=bool(p.get("load_optimizer")))
     if req.kind in PASS_KINDS:
         fb = wire["forward_backward_input" if req.kind == "forward_backward" else "forward_input"]
         data = [
@@ -704,7 +705,8 @@ class ClockLoop:
                     clean[op.run_id] = good  # a failed step may or may not have zeroed grads
                     if not good:
                         continue
-                elif isinstance(op, P.LoadStateOp):
+                elif isinstance(op, P.LoadStateOp) or (isinstance(op, P.CreateAdapterOp)
+                                                         and op.load_from is not None):
                     if not good:
                         continue  # a load validates everything before it changes anything
                     clean[op.run_id] = True
@@ -712,7 +714,9 @@ class ClockLoop:
                     continue
                 u = self._unsaved.setdefault(op.run_id, _Unsaved(since=now))
                 u.steps += isinstance(op, P.OptimStepOp)
-                u.force = u.force or isinstance(op, P.LoadStateOp)
+                # A load (or a creation from a checkpoint) is snapshotted at once: replaying
+                # the log after a crash recreates runs fresh, without the loaded weights.
+                u.force = u.force or isinstance(op, P.LoadStateOp | P.CreateAdapterOp)
         for run, c in clean.items():  # a run holding gradients cannot be unloaded
             (self._dirty.discard if c else self._dirty.add)(run)
         last_seq: dict[str, int] = {}
@@ -968,6 +972,8 @@ class ClockLoop:
     def _wire_result(self, req: ClaimedRequest, engine_result: dict[str, Any]) -> dict[str, Any]:
         """Turn an engine result into the wire response, registering checkpoints."""
         if req.kind == "create":
+            if req.payload.get("load_path"):  # created from a checkpoint (LoadWeightsResponse)
+                return {"model_id": req.run_id, "path": req.payload["load_path"]}
             return {"model_id": req.run_id}
         if req.kind in ("save_weights", "save_weights_for_sampler"):
             ck = req.payload["checkpoint"]

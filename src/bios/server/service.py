@@ -47,7 +47,9 @@ from bios.server.validation import (
     check_int,
     check_lora_config,
     check_name,
+    check_optimizer_config,
     check_sample,
+    check_sample_extras,
     parse_checkpoint_path,
 )
 
@@ -262,7 +264,10 @@ class BiosService:
             raise APIError(404, f"session {session_id!r} not found", "session_id")
         self.db.heartbeat(session_id)
 
-    def create_model(self, owner: str, req: T.CreateModelRequest) -> T.UntypedAPIFuture:
+    def create_model(self, owner: str, req: T.CreateModelRequest,
+                     load: dict[str, Any] | None = None) -> T.UntypedAPIFuture:
+        """Create a run (its seq 0); `load` (load_from, load_optimizer, load_path) makes the
+        creation also load a checkpoint into it."""
         s = self.db.get_session(req.session_id)
         if s is None or s.owner != owner:
             raise APIError(404, f"session {req.session_id!r} not found; create one first",
@@ -277,6 +282,7 @@ class BiosService:
                            "runs per tenant (--max-resident-runs-per-tenant); call optim_step "
                            "on them (or finish them) before creating another run",
                            "base_model", "resident_runs")
+        check_optimizer_config(req.optimizer_config)
         check_int(req.model_seq_id, "model_seq_id")
         run_id = f"{req.session_id}:train:{req.model_seq_id}"
         cfg = req.lora_config
@@ -289,7 +295,7 @@ class BiosService:
                      user_metadata=json.dumps(req.user_metadata or {}), created_at=now,
                      last_request_time=now, next_seq=0)
         try:
-            rid = self.db.create_run(run, {"wire": req.model_dump(mode="json")})
+            rid = self.db.create_run(run, {"wire": req.model_dump(mode="json"), **(load or {})})
         except SeqConflictError as e:
             raise APIError(409, str(e), "model_seq_id", "seq_conflict") from e
         served.clock.wake()
@@ -339,6 +345,9 @@ class BiosService:
 
     def optim_step(self, owner: str, req: T.OptimStepRequest) -> T.UntypedAPIFuture:
         run = self._owned_run(owner, req.model_id)
+        if req.optimizer_params is not None:
+            family = T.OptimizerConfig(type=str(req.optimizer_params.get("type", "?")))
+            check_optimizer_config(family, "optimizer_params")
         return self._submit(owner, run, req.seq_id, "optim_step",
                             {"wire": req.model_dump(mode="json")})
 
@@ -360,13 +369,19 @@ class BiosService:
         run = self._owned_run(owner, req.model_id)
         self._check_stored_bytes(owner)
         if req.path:
+            if req.kind == "inflight":
+                raise APIError(400, "kind='inflight' is for save_weights_and_get_sampling_client "
+                               "(no path); a named sampler checkpoint is a snapshot", "kind")
             name = check_name(req.path, "path")
             ck: dict[str, Any] = {"kind": "sampler", "name": name,
                                   "path": f"bios://{run.id}/sampler_weights/{name}"}
         elif req.sampling_session_seq_id is not None:
             check_int(req.sampling_session_seq_id, "sampling_session_seq_id")
             check_int(req.seq_id, "seq_id")
-            name = f"ephemeral-{req.sampling_session_seq_id}-{req.seq_id}"
+            # An inflight sampler reads the run's one "inflight" directory, which every later
+            # inflight save replaces (atomically), so it follows the newest weights.
+            name = ("inflight" if req.kind == "inflight"
+                    else f"ephemeral-{req.sampling_session_seq_id}-{req.seq_id}")
             ck = {"kind": "sampler", "name": name, "ephemeral": True,
                   "session_id": run.session_id,
                   "sampler_id": f"{run.session_id}:sample:{req.sampling_session_seq_id}",
@@ -387,6 +402,11 @@ class BiosService:
         return ck
 
     def load_weights(self, owner: str, req: T.LoadWeightsRequest) -> T.UntypedAPIFuture:
+        if req.model_id is None:
+            return self._create_run_from_checkpoint(owner, req)
+        if req.seq_id is None:
+            raise APIError(400, "seq_id is required when loading into an existing run "
+                           "(model_id)", "seq_id")
         run = self._owned_run(owner, req.model_id)
         ck = self._checkpoint_for(owner, req.path)
         if req.optimizer and ck.kind != "training":
@@ -405,6 +425,34 @@ class BiosService:
                                "get a run shaped like the checkpoint", "path")
         return self._submit(owner, run, req.seq_id, "load_weights",
                             {"wire": req.model_dump(mode="json"), "directory": ck.directory})
+
+    def _create_run_from_checkpoint(self, owner: str, req: T.LoadWeightsRequest
+                                    ) -> T.UntypedAPIFuture:
+        """Tinker 0.38's create_training_client_from_state: one load_weights that creates the
+        run `{session_id}:train:{model_seq_id}` shaped like the checkpoint and loads it.
+
+        Both happen in the run's creation (seq 0), since the SDK numbers its first request on
+        the new run seq 1."""
+        if req.session_id is None or req.model_seq_id is None:
+            raise APIError(400, "give model_id and seq_id (load into a run), or session_id and "
+                           "model_seq_id (create the run from the checkpoint)", "model_id")
+        check_optimizer_config(req.optimizer_config)
+        ck = self._checkpoint_for(owner, req.path)
+        if ck.kind != "training":
+            raise APIError(400, "a run is created from a training checkpoint "
+                           "(tinker://<run>/weights/<name>), not from sampler weights", "path")
+        src = self.db.get_run(ck.run_id)
+        if src is None:
+            raise APIError(404, f"the run that saved {req.path!r} is gone", "path",
+                           "unknown_checkpoint")
+        base = req.base_model or src.base_model
+        lora = T.LoraConfig(rank=src.rank, seed=src.seed, train_attn=src.train_attn,
+                            train_mlp=src.train_mlp, train_unembed=src.train_unembed)
+        return self.create_model(owner, T.CreateModelRequest(
+            session_id=req.session_id, model_seq_id=req.model_seq_id, base_model=base,
+            lora_config=lora, user_metadata=req.user_metadata),
+            load={"load_from": ck.directory, "load_optimizer": req.optimizer,
+                  "load_path": req.path})
 
     def weights_info(self, owner: str, path: str) -> T.WeightsInfoResponse:
         ck = self._checkpoint_for(owner, path, "tinker_path")
@@ -630,6 +678,7 @@ class BiosService:
         else:
             raise APIError(400, "give sampling_session_id (or base_model / model_path)",
                            "sampling_session_id")
+        check_sample_extras(req)
         op = check_sample(req, served.limits, self.config.max_samples_per_request)
         adapter_key = None
         if checkpoint_dir is not None:
@@ -655,7 +704,8 @@ class BiosService:
         except QueueFullError as e:
             raise queue_full(e) from e
         served.clock.wake()
-        return T.UntypedAPIFuture(request_id=rid)
+        return T.UntypedAPIFuture(request_id=rid, sample_sequence_ids=[
+            f"{rid}:{i}" for i in range(req.num_samples)])
 
     def cancel_sample(self, base_model: str, request_id: str) -> None:
         """Stop a sample request of this (canonical) base model whose client went away."""

@@ -207,3 +207,32 @@ def check_sample(req: T.SampleRequest, limits: ModelLimits, max_samples: int) ->
             "seed": sp.seed, "stop_tokens": stop_tokens, "stop_strings": stop_strings,
             "prompt_logprobs": req.prompt_logprobs or req.topk_prompt_logprobs > 0,
             "topk_prompt_logprobs": req.topk_prompt_logprobs}
+
+
+def check_optimizer_config(cfg: T.OptimizerConfig | None, field: str = "optimizer_config"
+                           ) -> None:
+    """A 400 unless the optimizer is AdamW (the only family Bios implements)."""
+    if cfg is not None and cfg.type != "adamw":
+        raise APIError(400, f"optimizer type {cfg.type!r} is not supported by Bios: it trains "
+                       "with AdamW only; pass optimizer_config={'type': 'adamw'} (the default) "
+                       "and AdamParams to optim_step", f"{field}.type", "unsupported_optimizer")
+
+
+def check_sample_extras(req: T.SampleRequest) -> None:
+    """Tinker 0.38's sampling extras Bios does not compute yet: fine at their defaults, a 400
+    naming the feature (so the SDK fails at once instead of waiting) otherwise."""
+    unsupported = [
+        ("topk_sample_logprobs", req.topk_sample_logprobs != 0,
+         "per-token top-k logprobs of sampled tokens"),
+        ("target_prompt_logprobs", req.target_prompt_logprobs is not None,
+         "logprobs of chosen token ids at prompt positions"),
+        ("prompt_alt_tokens_k", req.prompt_alt_tokens_k != 0, "alternative prompt-token draws"),
+        ("record_stability_info", bool(req.record_stability_info),
+         "stability info for stable_reinforce (train with importance_sampling instead)"),
+        ("prompt_logprobs_last_n", req.prompt_logprobs_last_n is not None,
+         "scoring only the last N prompt tokens (include_prompt_logprobs scores them all)"),
+    ]
+    for field, given, what in unsupported:
+        if given:
+            raise APIError(400, f"{field} ({what}) is not supported by Bios; leave it at its "
+                           "default", field, "unsupported_feature")

@@ -378,7 +378,7 @@ class Engine:
     def _execute_single(self, op: SingleOp, base_model: str) -> OpResult:
         try:
             if isinstance(op, CreateAdapterOp):
-                result = self._create(op)
+                result = self._create(op, base_model)
             elif isinstance(op, OptimStepOp):
                 result = self._optim_step(op)
             elif isinstance(op, SaveStateOp):
@@ -393,12 +393,20 @@ class Engine:
             return self._failure(op.request_id, exc)
         return OpResult(op.request_id, ok=True, result=result)
 
-    def _create(self, op: CreateAdapterOp) -> dict[str, Any]:
+    def _create(self, op: CreateAdapterOp, base_model: str) -> dict[str, Any]:
         if op.run_id in self.runs:
             raise UserError(f"run {op.run_id!r} already exists")
         with _user_errors():
             adapter = Adapter.init(self.config, op.spec, self.device)
         self.runs[op.run_id] = RunState(op.spec, adapter, AdamW(adapter.tensors()))
+        if op.load_from is not None:
+            try:
+                self._load(LoadStateOp(op.request_id, op.run_id, op.load_from,
+                                       op.load_optimizer), base_model)
+            except Exception:
+                del self.runs[op.run_id]  # a failed creation leaves no run behind
+                raise
+            return {"model_id": op.run_id, "path": op.load_from}
         return {"model_id": op.run_id}
 
     def _optim_step(self, op: OptimStepOp) -> dict[str, Any]:

@@ -173,6 +173,26 @@ def dro(lp: Tensor, inputs: LossInputs, config: Mapping[str, float]) -> Tensor:
     return -(lp * inputs["advantages"] - penalty)
 
 
+def gspo(lp: Tensor, inputs: LossInputs, config: Mapping[str, float], segment: Tensor,
+         datums: int) -> Tensor:
+    """GSPO-token: PPO's clipped objective on `r = exp(s + lp - sg(lp))`, where `s` is the
+    datum's sequence log-ratio, the mean of `sg(lp) - q` over its `sequence_ratio_mask` tokens.
+
+    The ratio's value is the sequence's `exp(s)` at every token, its gradient each token's own
+    (`s` is detached). `segment[i]` is the datum of token i. A datum with an all-zero mask has
+    `s = 0`.
+    """
+    mask = inputs["sequence_ratio_mask"]
+    diff = (lp.detach() - inputs["logprobs"]) * mask
+    sums = diff.new_zeros(datums).index_add(0, segment, diff)
+    counts = mask.new_zeros(datums).index_add(0, segment, mask)
+    s = torch.where(counts > 0, sums / counts.clamp_min(1e-12), torch.zeros_like(sums))
+    ratio = torch.exp(s[segment] + lp - lp.detach())
+    adv = inputs["advantages"]
+    clipped = ratio.clamp(config["clip_low_threshold"], config["clip_high_threshold"])
+    return -torch.minimum(ratio * adv, clipped * adv)
+
+
 LOSSES: dict[str, LossFn] = {
     "cross_entropy": cross_entropy,
     "importance_sampling": importance_sampling,
@@ -191,7 +211,10 @@ def datum_losses(
 ) -> Tensor:
     """Per-datum loss sums `[D]` for datums laid end to end in `lp` / `inputs` (`[N]`,
     N = sum(lengths)). `config` must come from `resolve_loss_config`."""
-    terms = LOSSES[loss_fn](lp, inputs, config)  # [N]
-    counts = torch.tensor(lengths, dtype=torch.long, device=terms.device)
-    index = torch.repeat_interleave(torch.arange(len(lengths), device=terms.device), counts)
+    counts = torch.tensor(lengths, dtype=torch.long, device=lp.device)
+    index = torch.repeat_interleave(torch.arange(len(lengths), device=lp.device), counts)
+    if loss_fn == "gspo":  # a sequence-level ratio: needs to know where each datum ends
+        terms = gspo(lp, inputs, config, index, len(lengths))
+    else:
+        terms = LOSSES[loss_fn](lp, inputs, config)  # [N]
     return terms.new_zeros(len(lengths)).index_add(0, index, terms)
