@@ -138,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--port", type=int, default=0, help="0 = pick a free port")
     demo.set_defaults(func=_demo)
 
+    from bios.cookbook.runner import add_parser as add_cookbook_parser
+
+    add_cookbook_parser(sub)
+
     args = parser.parse_args(argv)
     return int(args.func(args))
 
