@@ -31,11 +31,11 @@ from bios.cookbook.rewards import arithmetic_reward
 from bios.cookbook.rollouts import rollout_datum, sampling_params, sampling_seed
 
 STEPS = 16
-BATCH = 8          # problems per step
+BATCH = 4          # problems per step
 GROUP = 8          # samples per problem
-MAX_TOKENS = 8
-LEARNING_RATE = 2e-4
-EVAL_PROBLEMS = 24
+MAX_TOKENS = 6
+LEARNING_RATE = 5e-4
+EVAL_PROBLEMS = 16
 LOSSES = ("importance_sampling", "ppo")
 
 
@@ -96,12 +96,12 @@ def run_sync(cfg: RecipeConfig) -> RecipeResult:
             group, group_rewards = group_data(renderer, prompt, problem, result)
             data += group
             rewards += group_rewards
-        loss = float("nan")
-        if data:  # every group tied: nothing to learn this step
-            loss = training.forward_backward(data, cfg.loss).result().loss
+        metrics = {"reward": sum(rewards) / len(rewards), "trained": len(data),
+                   "off_policy_steps": 0}
+        if data:  # else every group tied: nothing to learn this step
+            metrics["loss"] = training.forward_backward(data, cfg.loss).result().loss
             training.optim_step(adam).result()
-        log.log(step, reward=sum(rewards) / len(rewards), loss=loss, trained=len(data),
-                off_policy_steps=0)
+        log.log(step, **metrics)
     after = evaluate_sync(training.save_weights_and_get_sampling_client(), renderer, held_out)
     log.log(steps, eval_reward=after["reward"], eval_exact_match=after["exact_match"])
     return _result("sync", log, before, after, t0)
@@ -165,12 +165,12 @@ async def run_async(cfg: RecipeConfig) -> RecipeResult:
             fb = await training.forward_backward_async(data, cfg.loss)
             opt = await training.optim_step_async(adam)
             optim_steps += 1
-        loss = float("nan")
+        metrics = {"reward": sum(rewards) / len(rewards), "trained": len(data),
+                   "off_policy_steps": gap}
         if fb is not None and opt is not None:
-            loss = (await fb).loss
+            metrics["loss"] = (await fb).loss
             await opt
-        log.log(step, reward=sum(rewards) / len(rewards), loss=loss, trained=len(data),
-                off_policy_steps=gap)
+        log.log(step, **metrics)
     final = await training.save_weights_and_get_sampling_client_async()
     after = await evaluate_async(final, renderer, held_out)
     log.log(steps, eval_reward=after["reward"], eval_exact_match=after["exact_match"])
