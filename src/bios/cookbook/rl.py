@@ -33,7 +33,8 @@ from bios.cookbook.rollouts import rollout_datum, sampling_params, sampling_seed
 STEPS = 16
 BATCH = 4          # problems per step
 GROUP = 8          # samples per problem
-MAX_TOKENS = 6
+MAX_TOKENS = 8
+TEMPERATURE = 0.7  # at 1.0 SmolLM2-135M's replies are mostly noise: too little reward signal
 LEARNING_RATE = 5e-4
 EVAL_PROBLEMS = 16
 LOSSES = ("importance_sampling", "ppo")
@@ -91,7 +92,7 @@ def run_sync(cfg: RecipeConfig) -> RecipeResult:
         for i, problem in enumerate(step_problems(cfg.seed, step)):
             prompt = renderer.prompt_tokens(problem.messages())
             params = sampling_params(MAX_TOKENS, renderer.end_of_turn,
-                                     sampling_seed(cfg.seed, step, i))
+                                     sampling_seed(cfg.seed, step, i), TEMPERATURE)
             result = sampler.sample(types.ModelInput.from_ints(prompt), GROUP, params).result()
             group, group_rewards = group_data(renderer, prompt, problem, result)
             data += group
@@ -114,7 +115,8 @@ async def _rollouts(sampler: bios.SamplingClient, renderer: ChatRenderer, seed: 
     prompts = [renderer.prompt_tokens(p.messages()) for p in problems]
     futures = [await sampler.sample_async(
         types.ModelInput.from_ints(prompt), GROUP,
-        sampling_params(MAX_TOKENS, renderer.end_of_turn, sampling_seed(seed, step, i)))
+        sampling_params(MAX_TOKENS, renderer.end_of_turn, sampling_seed(seed, step, i),
+                        TEMPERATURE))
         for i, prompt in enumerate(prompts)]
     data: list[types.Datum] = []
     rewards: list[float] = []
