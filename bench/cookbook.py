@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,7 +35,8 @@ from server_process import ServerProcess
 RESULTS = REPO / "bench" / "results" / "cookbook.json"
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # Short runs: enough steps for the async pipeline to fill (steps for eval: problems).
-STEPS = {"sl": 8, "rl": 3, "dpo": 4, "distill": 2, "eval": 12}
+# Cheapest first, so an interrupted run still has whole recipes in its JSON.
+STEPS = {"eval": 12, "sl": 8, "dpo": 4, "distill": 2, "rl": 3}
 
 
 def warm_up(base_url: str, model: str) -> None:
@@ -49,6 +52,17 @@ def warm_up(base_url: str, model: str) -> None:
     training.optim_step().result()
 
 
+def write(args: argparse.Namespace, started: dict[str, Any], rows: list[dict[str, Any]]
+          ) -> float:
+    """Write the results so far (after every recipe); returns the smallest ratio."""
+    ratio = min(r["async_over_sync"] for r in rows)
+    out = {**started, "model": args.model, "clock_period": args.clock_period, "rows": rows,
+           "min_async_over_sync": ratio, "loadavg_end": load()}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    return ratio
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=SMOLLM2)
@@ -61,6 +75,8 @@ def main() -> int:
                         help="converted-model cache (default: the tests' cache)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
+    # A SIGTERM unwinds like Ctrl-C, so `finally` stops the server (it runs in its own session).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     extra: dict[str, Any] = {}
     if args.model_cache:
@@ -90,14 +106,11 @@ def main() -> int:
                 row["async_over_sync"] = round(row["sync"]["wall_s"] / row["async"]["wall_s"], 2)
                 print(f"{recipe:8s} async/sync {row['async_over_sync']:.2f}x", flush=True)
                 rows.append(row)
+                write(args, started, rows)
         finally:
             server.stop()
 
-    ratio = min(r["async_over_sync"] for r in rows)
-    out = {**started, "model": args.model, "clock_period": args.clock_period, "rows": rows,
-           "min_async_over_sync": ratio, "loadavg_end": load()}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    ratio = write(args, started, rows)
     print()
     print(f"{'recipe':8s} {'steps':>5s} {'sync s':>8s} {'async s':>8s} {'ratio':>6s}")
     for r in rows:

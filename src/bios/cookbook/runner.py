@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import importlib
 import os
+import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -88,6 +89,8 @@ def _run(args: argparse.Namespace) -> int:
         from bios.local_server import LocalServer
 
         server = LocalServer(Path(args.data_dir), [args.base_model])
+        # The server runs in its own session: a SIGTERM must unwind to `finally` to stop it.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         print(f"Starting bios serve on {server.base_url} (log: {server.log_path}) ...",
               flush=True)
         server.start(timeout=600)
