@@ -201,3 +201,16 @@ def test_metrics_log_writes_jsonl_and_a_plot(tmp_path: Path) -> None:
     assert plot is not None and plot.stat().st_size > 1000
     result = RecipeResult("sl", "sync", "eval loss", 2.0, 1.0, 0.1)
     assert result.summary == "sl: eval loss 2.000 -> 1.000"
+
+
+def test_the_cookbook_imports_without_torch_or_the_server() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, bios.cookbook, bios.cookbook.sl, bios.cookbook.rl, bios.cookbook.dpo, "
+            "bios.cookbook.distill, bios.cookbook.evaluation, bios.cookbook.preference\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'fastapi', "
+            "'sqlalchemy') or m.startswith('bios.server')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120)
+    assert out.stdout.strip() == "[]"
