@@ -176,8 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     demo.set_defaults(func=_demo)
 
     from bios.console_cli import add_console_commands
+    from bios.cookbook.runner import add_parser as add_cookbook_parser
 
     add_console_commands(sub)  # runs, checkpoints, trace (src/bios/console_cli.py)
+    add_cookbook_parser(sub)  # cookbook list|run (src/bios/cookbook/)
 
     args = parser.parse_args(argv)
     return int(args.func(args))
