@@ -20,7 +20,6 @@ from typing import Any
 
 from bios import types as T
 from bios.server.archives import (
-    SECRET_FILE,
     ArchiveClaims,
     ArchiveSigner,
     ArchiveTokenError,
@@ -28,6 +27,7 @@ from bios.server.archives import (
     TarStream,
 )
 from bios.server.config import ServerConfig
+from bios.server.integrity import check_data_dir
 from bios.server.scheduler import ClockLoop
 from bios.server.store import (
     COMPLETED,
@@ -93,7 +93,7 @@ class BiosService:
         self.store: Store | None = None
         self.registry: Any = None
         self.models: dict[str, ServedModel] = {}  # canonical name -> served model
-        self.archives = ArchiveSigner(config.data_dir / SECRET_FILE)
+        self.archives = ArchiveSigner(config.archive_secret_path)
         self.ready = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -106,6 +106,7 @@ class BiosService:
         cfg = self.config
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
         cfg.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        check_data_dir(cfg)  # before any model loads: a damaged data dir stops here
         self.store = Store(cfg.db_url)
         self.registry = ModelRegistry(cfg.model_cache_dir, list(cfg.models))
         canonicals: list[str] = []
