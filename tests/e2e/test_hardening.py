@@ -269,3 +269,57 @@ def test_corrupted_archive_secret_is_refused(fresh_data_dir: Path) -> None:
     (fresh_data_dir / "archive_url_secret").write_bytes(b"\x00\xffnot a secret")
     out = _serve_fails(fresh_data_dir)
     assert "archive URL secret" in out and "64-hex-digit" in out, out[-2000:]
+
+
+# ----------------------------------------------------------------------------- data dir
+
+
+def test_clean_shutdown_snapshots_and_a_copied_data_dir_reads_its_own_files(
+        tmp_path: Path) -> None:
+    """SIGTERM snapshots the run (the restart replays nothing); directories are stored
+    relative to the data dir, so a copy works after the original is gone; bios.db is 0600;
+    size_bytes is the checkpoint's real size."""
+    import shutil
+    import sqlite3
+    import time
+
+    data = tmp_path / "data"
+    server = ServerProcess(data, [TINY]).start()
+    try:
+        sc = bios.ServiceClient(base_url=server.base_url)
+        tc = sc.create_lora_training_client(TINY, rank=2, seed=3)
+        one = types.Datum(model_input=types.ModelInput.from_ints([5, 6, 7]),
+                          loss_fn_inputs={"target_tokens": [6, 7, 8]})
+        for _ in range(2):
+            tc.forward_backward([one], "cross_entropy").result(timeout=120)
+            tc.optim_step(types.AdamParams(learning_rate=1e-2)).result(timeout=120)
+        path = tc.save_state("ck1").result(timeout=120).path
+        listing = httpx.get(f"{server.base_url}/api/v1/training_runs/{tc.model_id}/"
+                            "checkpoints", timeout=30).json()["checkpoints"]
+        [ck] = listing
+        files = [f for f in (data / "checkpoints").rglob("*") if f.is_file()]
+        assert ck["size_bytes"] == sum(f.stat().st_size for f in files) > 0
+        assert (data / "bios.db").stat().st_mode & 0o777 == 0o600
+    finally:
+        server.stop()  # SIGTERM
+    assert "snapshots model=bios/tiny-llama runs=1" in server.log()
+    with sqlite3.connect(data / "bios.db") as conn:
+        stored = [r[0] for r in conn.execute("SELECT directory FROM checkpoints")]
+        stored += [r[0] for r in conn.execute("SELECT snapshot_dir FROM training_runs")]
+    assert all(not d.startswith("/") for d in stored), stored
+
+    copy = tmp_path / "copy"
+    shutil.copytree(data, copy)
+    shutil.rmtree(data)  # the original is gone: the copy must read its own files
+    server = ServerProcess(copy, [TINY]).start()
+    try:
+        sc = bios.ServiceClient(base_url=server.base_url)
+        resumed = sc.create_training_client_from_state_with_optimizer(path)
+        out = resumed.forward_backward([one], "cross_entropy").result(timeout=120)
+        assert "loss:sum" in out.metrics
+        deadline = time.monotonic() + 120
+        while "recovered run" not in server.log() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert f"recovered run {tc.model_id}: snapshot@seq 5 + replayed 0 ops" in server.log()
+    finally:
+        server.stop()

@@ -99,7 +99,9 @@ def test_polling_repolls_at_once_on_try_again(fake: FakeBios,
     fake.hold_results = True
     fake.poll_hold = 0.0  # the fake answers try_again immediately
     fut = training_client.optim_step()
-    time.sleep(0.3)
+    deadline = time.monotonic() + 30  # a deadline, not a fixed sleep: CI machines are slow
+    while len(calls_to(fake, "/retrieve_future")) <= 30 and time.monotonic() < deadline:
+        time.sleep(0.05)
     polls = len(calls_to(fake, "/retrieve_future"))
     fake.release_all()
     fut.result(timeout=5)

@@ -27,6 +27,7 @@ from bios.server.archives import (
     TarStream,
 )
 from bios.server.config import ServerConfig
+from bios.server.data_paths import DataDirExecutor, resolve, to_stored
 from bios.server.integrity import check_data_dir
 from bios.server.scheduler import ClockLoop
 from bios.server.store import (
@@ -108,6 +109,9 @@ class BiosService:
         cfg.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         check_data_dir(cfg)  # before any model loads: a damaged data dir stops here
         self.store = Store(cfg.db_url)
+        moved = self.store.relativize_paths()
+        if moved:
+            log.info("stored %d checkpoint/snapshot paths relative to the data dir", moved)
         self.registry = ModelRegistry(cfg.model_cache_dir, list(cfg.models))
         canonicals: list[str] = []
         for name in self.registry.names():
@@ -121,7 +125,9 @@ class BiosService:
             engine = Engine.from_model_dir(model_dir, device=cfg.device,
                                            token_budget=cfg.token_budget)
             executor = InProcessExecutor(engine)
-            clock = ClockLoop(base_model=canonical, store=self.store, executor=executor,
+            clock = ClockLoop(base_model=canonical, store=self.store,
+                              executor=DataDirExecutor(executor, cfg.data_dir),
+                              data_dir=cfg.data_dir,
                               period=cfg.clock_period, notify=self.notify,
                               cycle_ids=self._next_cycle_id, state_dir=cfg.state_dir,
                               snapshot_steps=cfg.snapshot_steps,
@@ -133,8 +139,8 @@ class BiosService:
             log.info("loaded %s (%s) in %.1fs: vocab=%d context=%d", canonical, model_dir,
                      time.perf_counter() - t0, limits.vocab_size, limits.context_length)
         self._cycle_counter = self.store.next_cycle_id()
-        for m in self.models.values():  # crash recovery: replay the durable log first
-            m.clock.recover()
+        for m in self.models.values():  # crash recovery: runs are rebuilt once clocks run
+            m.clock.recover(background=True)
         for m in self.models.values():
             m.clock.start()
         self.ready = True
@@ -170,6 +176,12 @@ class BiosService:
             raise APIError(404, f"unknown base model {name!r}; this server serves: {avail}. "
                            "Start the server with --models to add one.", field, "unknown_model")
         return self.models[canonical]
+
+    def _on_disk(self, stored: str) -> Path:
+        """A stored checkpoint directory (relative to the data dir) as an absolute path."""
+        p = resolve(self.config.data_dir, stored)
+        assert p is not None
+        return p.resolve()
 
     def _owned_run(self, owner: str, run_id: str, field: str = "model_id") -> RunRow:
         run = self.db.get_run(run_id)
@@ -301,7 +313,8 @@ class BiosService:
             raise APIError(409, f"checkpoint {name!r} already exists for this run; pick another "
                            "name or pass overwrite=True", "path", "exists")
         directory = self.config.checkpoint_dir / run_dir_name(run.id) / "weights" / name
-        ck = {"kind": "training", "name": name, "directory": str(directory.resolve()),
+        ck = {"kind": "training", "name": name,
+              "directory": to_stored(self.config.data_dir, directory),
               "path": f"bios://{run.id}/weights/{name}"}
         return self._submit(owner, run, req.seq_id, "save_weights",
                             {"wire": req.model_dump(mode="json"), "checkpoint": ck})
@@ -325,7 +338,7 @@ class BiosService:
             raise APIError(400, "give either path (a name for a persistent sampler checkpoint) "
                            "or sampling_session_seq_id (an ephemeral snapshot)", "path")
         directory = self.config.checkpoint_dir / run_dir_name(run.id) / "sampler_weights" / name
-        ck["directory"] = str(directory.resolve())
+        ck["directory"] = to_stored(self.config.data_dir, directory)
         return self._submit(owner, run, req.seq_id, "save_weights_for_sampler",
                             {"wire": req.model_dump(mode="json"), "checkpoint": ck})
 
@@ -472,7 +485,7 @@ class BiosService:
     def delete_checkpoint(self, owner: str, run_id: str, seg: str, name: str) -> None:
         ck = self._own_checkpoint(owner, run_id, seg, name, "delete")
         root = self.config.checkpoint_dir.resolve()
-        directory = Path(ck.directory).resolve()
+        directory = self._on_disk(ck.directory)
         if root in directory.parents:  # never delete outside the data dir
             shutil.rmtree(directory, ignore_errors=True)
         self.db.delete_checkpoint(ck.id)
@@ -516,7 +529,7 @@ class BiosService:
                 or ck.ephemeral or (ck.owner != claims.tenant and not ck.public)):
             raise gone
         root = self.config.checkpoint_dir.resolve()
-        directory = Path(ck.directory).resolve()
+        directory = self._on_disk(ck.directory)
         if root not in directory.parents:  # never read outside the data dir
             raise gone
         try:
@@ -578,7 +591,7 @@ class BiosService:
         op = check_sample(req, served.limits, self.config.max_samples_per_request)
         adapter_key = None
         if checkpoint_dir is not None:
-            weights = Path(checkpoint_dir) / "adapter_model.safetensors"
+            weights = self._on_disk(checkpoint_dir) / "adapter_model.safetensors"
             if not weights.exists():
                 raise APIError(404, "the sampler's weights are gone (checkpoint deleted)",
                                "sampling_session_id")
