@@ -46,7 +46,8 @@ def _serve(args: argparse.Namespace) -> int:
             ("snapshot_steps", args.snapshot_steps),
             ("snapshot_seconds", args.snapshot_seconds),
             ("unload_idle_s", args.unload_idle_seconds),
-            ("max_body_bytes", args.max_body_bytes))
+            ("max_body_bytes", args.max_body_bytes),
+            ("max_body_bytes_in_flight", args.max_body_bytes_in_flight))
             if v is not None},
         allow_empty_database=args.allow_empty_database,
     )
@@ -144,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
                             "this old (default 120)")
     serve.add_argument("--max-body-bytes", type=int, default=None, metavar="BYTES",
                        help="largest request body accepted, else 413 (default 64 MiB)")
+    serve.add_argument("--max-body-bytes-in-flight", type=int, default=None, metavar="BYTES",
+                       help="request body bytes read and parsed at once, all requests "
+                            "together; larger bodies wait their turn (default: the body limit)")
     serve.add_argument("--allow-empty-database", action="store_true",
                        help="start even if DATA_DIR/bios.db is a zero-length file (refused "
                             "by default: it looks like a truncated or badly restored database)")

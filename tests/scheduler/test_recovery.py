@@ -440,3 +440,28 @@ def test_stop_snapshots_unsaved_runs_so_a_restart_replays_nothing(store, tmp_pat
     kinds = [s.kind if not isinstance(s, P.PassGroup) else "fbs" for s in eng.plans[0].steps]
     assert kinds == ["create", "load"]  # nothing replayed
     assert eng.runs["r1"] == pytest.approx(reference(3))
+
+
+def test_absolute_paths_of_an_older_server_are_made_data_dir_relative(store) -> None:
+    """Rows an older server wrote with absolute directories (its own data dir) are rewritten
+    relative, so a copied data dir reads its own files; the payload's hash follows, so an
+    SDK retry of the same request still matches."""
+    from bios.server.store import CheckpointRow, payload_digest
+
+    make_run(store, "r1")
+    old = "/srv/old-bios"
+    store.add_checkpoint(CheckpointRow(
+        run_id="r1", owner="local", kind="training", name="a",
+        directory=f"{old}/checkpoints/r1/weights/a", base_model=MODEL, size_bytes=1,
+        created_at=time.time()))
+    store.set_snapshot("r1", f"{old}/state/r1/seq-0000000002-abcd", 2)
+    load = store.submit(owner="local", run_id="r1", seq_id=1, kind="load_weights",
+                        base_model=MODEL, payload={**OPT, "directory":
+                                                   f"{old}/checkpoints/r1/weights/a"})
+    assert store.relativize_paths() == 3
+    assert store.get_checkpoint("r1", "training", "a").directory == "checkpoints/r1/weights/a"
+    assert store.get_run("r1").snapshot_dir == "state/r1/seq-0000000002-abcd"
+    row = store.get_request(load)
+    assert json.loads(row.payload)["directory"] == "checkpoints/r1/weights/a"
+    assert row.payload_hash == payload_digest(json.loads(row.payload))
+    assert store.relativize_paths() == 0  # idempotent
