@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
-from typing import Any
+from typing import Any, TypeVar
 
+import pydantic
 from fastapi import FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
@@ -35,6 +37,40 @@ ABANDONED_HEADER = T.ABANDONED_SEQS_HEADER
 MAX_ABANDONED = T.MAX_ABANDONED_SEQS
 
 log = logging.getLogger("bios.server")
+
+M = TypeVar("M", bound=pydantic.BaseModel)
+# Bodies above this are parsed in a worker thread, so a large one never blocks the event
+# loop (healthz, long-polls) while it is parsed.
+PARSE_IN_THREAD_BYTES = 256 * 1024
+
+
+async def parse_body(request: Request, model: type[M]) -> M:
+    """The request body validated as `model`, parsed as FastAPI would (json.loads, then
+    validation) but, for a large body, in a worker thread: parsing a 50 MB batch takes
+    seconds of CPU, and on the event loop it stalled /healthz and every long-poll. Errors
+    are raised as RequestValidationError, the same 400 as FastAPI's own parsing gives.
+    """
+    raw = await request.body()
+    if len(raw) > PARSE_IN_THREAD_BYTES:
+        return await run_in_threadpool(_parse, raw, model)
+    return _parse(raw, model)
+
+
+def _parse(raw: bytes, model: type[M]) -> M:
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        pos = getattr(e, "pos", getattr(e, "start", 0))
+        why = getattr(e, "msg", None) or getattr(e, "reason", "JSON decode error")
+        raise RequestValidationError([{"type": "json_invalid", "loc": ("body", pos),
+                                       "msg": "JSON decode error",
+                                       "ctx": {"error": why}}]) from None
+    try:
+        return model.model_validate(data)
+    except pydantic.ValidationError as e:
+        raise RequestValidationError(
+            [{**err, "loc": ("body", *err.get("loc", ()))} for err in e.errors(
+                include_url=False, include_input=False)]) from None
 
 
 class Waiter(asyncio.Event):
@@ -153,10 +189,10 @@ def create_app(config: ServerConfig, service: BiosService | None = None) -> Fast
         if first.get("type") == "json_invalid":
             # pydantic's loc here is ("body", <character offset>): say so, name no field.
             loc = first.get("loc", ())
-            pos = loc[1] if len(loc) > 1 else "?"
-            why = (first.get("ctx") or {}).get("error", "JSON decode error")
-            err = APIError(400, f"the request body is not valid JSON: {why} at character "
-                           f"{pos}", None, "invalid_json")
+            why = str((first.get("ctx") or {}).get("error", "JSON decode error"))
+            where = f" at character {loc[1]}" if len(loc) > 1 else ""  # else: in `why`
+            err = APIError(400, f"the request body is not valid JSON: {why}{where}", None,
+                           "invalid_json")
         else:
             loc = [str(p) for p in first.get("loc", ()) if p != "body"]
             field = ".".join(loc) or None
@@ -263,30 +299,35 @@ def create_app(config: ServerConfig, service: BiosService | None = None) -> Fast
     save_s = submit("save_weights_for_sampler", svc.save_weights_for_sampler)
     load = submit("load_weights", svc.load_weights)
 
-    @app.post(f"{api}/forward_backward")
-    def forward_backward(request: Request, body: T.ForwardBackwardRequest) -> T.UntypedAPIFuture:
-        return fb(request, body)
+    @app.post(f"{api}/forward_backward", response_model=T.UntypedAPIFuture)
+    async def forward_backward(request: Request) -> Any:
+        return await run_in_threadpool(fb, request,
+                                       await parse_body(request, T.ForwardBackwardRequest))
 
-    @app.post(f"{api}/forward")
-    def forward(request: Request, body: T.ForwardRequest) -> T.UntypedAPIFuture:
-        return fwd(request, body)
+    @app.post(f"{api}/forward", response_model=T.UntypedAPIFuture)
+    async def forward(request: Request) -> Any:
+        return await run_in_threadpool(fwd, request,
+                                       await parse_body(request, T.ForwardRequest))
 
-    @app.post(f"{api}/optim_step")
-    def optim_step(request: Request, body: T.OptimStepRequest) -> T.UntypedAPIFuture:
-        return opt(request, body)
+    @app.post(f"{api}/optim_step", response_model=T.UntypedAPIFuture)
+    async def optim_step(request: Request) -> Any:
+        return await run_in_threadpool(opt, request,
+                                       await parse_body(request, T.OptimStepRequest))
 
-    @app.post(f"{api}/save_weights")
-    def save_weights(request: Request, body: T.SaveWeightsRequest) -> T.UntypedAPIFuture:
-        return save(request, body)
+    @app.post(f"{api}/save_weights", response_model=T.UntypedAPIFuture)
+    async def save_weights(request: Request) -> Any:
+        return await run_in_threadpool(save, request,
+                                       await parse_body(request, T.SaveWeightsRequest))
 
-    @app.post(f"{api}/save_weights_for_sampler")
-    def save_weights_for_sampler(request: Request,
-                                 body: T.SaveWeightsForSamplerRequest) -> T.UntypedAPIFuture:
-        return save_s(request, body)
+    @app.post(f"{api}/save_weights_for_sampler", response_model=T.UntypedAPIFuture)
+    async def save_weights_for_sampler(request: Request) -> Any:
+        return await run_in_threadpool(save_s, request, await parse_body(
+            request, T.SaveWeightsForSamplerRequest))
 
-    @app.post(f"{api}/load_weights")
-    def load_weights(request: Request, body: T.LoadWeightsRequest) -> T.UntypedAPIFuture:
-        return load(request, body)
+    @app.post(f"{api}/load_weights", response_model=T.UntypedAPIFuture)
+    async def load_weights(request: Request) -> Any:
+        return await run_in_threadpool(load, request,
+                                       await parse_body(request, T.LoadWeightsRequest))
 
     @app.post(f"{api}/weights_info")
     def weights_info(request: Request, body: T.WeightsInfoRequest) -> T.WeightsInfoResponse:
