@@ -33,6 +33,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from bios.server.app import create_app
     from bios.server.config import ServerConfig
+    from bios.server.integrity import DataDirError, check_data_dir
 
     config = ServerConfig(
         data_dir=Path(args.data_dir), host=args.host, port=args.port,
@@ -53,17 +54,37 @@ def _serve(args: argparse.Namespace) -> int:
             ("max_resident_runs", args.max_resident_runs),
             ("max_resident_runs_per_tenant", args.max_resident_runs_per_tenant),
             ("max_stored_bytes_per_tenant", args.max_stored_bytes_per_tenant),
-            ("max_metadata_bytes", args.max_metadata_bytes))
+            ("max_metadata_bytes", args.max_metadata_bytes),
+            ("max_body_bytes", args.max_body_bytes),
+            ("max_body_bytes_in_flight", args.max_body_bytes_in_flight))
             if v is not None},
+        allow_empty_database=args.allow_empty_database,
     )
+    try:  # before models load, so a damaged data dir fails in a second, with the reason
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        check_data_dir(config)
+    except DataDirError as e:
+        print(f"bios serve: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     tenants = sorted({t for t, _ in api_keys})
     logging.getLogger("bios.server").info(
         "auth: %s", f"API keys for tenants {', '.join(tenants)}" if tenants
         else "local mode (no API keys; loopback only)")
-    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="warning")
+    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="warning",
+                http=_http_protocol())
     return 0
+
+
+def _http_protocol() -> object:
+    """uvicorn's protocol with request heads bounded (http_protocol.py); h11 with its own
+    head bound where httptools is missing."""
+    try:
+        from bios.server.http_protocol import BoundedHttpProtocol
+    except ImportError:
+        return "h11"
+    return BoundedHttpProtocol
 
 
 def _keys_add(args: argparse.Namespace) -> int:
@@ -159,6 +180,14 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--snapshot-seconds", type=float, default=None, metavar="SECONDS",
                        help="crash recovery: also snapshot a run whose unsaved changes are "
                             "this old (default 120)")
+    serve.add_argument("--max-body-bytes", type=int, default=None, metavar="BYTES",
+                       help="largest request body accepted, else 413 (default 64 MiB)")
+    serve.add_argument("--max-body-bytes-in-flight", type=int, default=None, metavar="BYTES",
+                       help="request body bytes read and parsed at once, all requests "
+                            "together; larger bodies wait their turn (default: the body limit)")
+    serve.add_argument("--allow-empty-database", action="store_true",
+                       help="start even if DATA_DIR/bios.db is a zero-length file (refused "
+                            "by default: it looks like a truncated or badly restored database)")
     serve.set_defaults(func=_serve)
 
     keys = sub.add_parser("keys", help="manage API keys")

@@ -100,26 +100,43 @@ class ServiceClient:
         return APIFuture._run(coro)
 
     def _start_op(self, path: str, body: bytes, result_type: type[M],
-                  turn: tuple[Turns, int] | None = None) -> APIFuture[M]:
+                  turn: tuple[Turns, int] | None = None,
+                  slot: tuple[str, int] | None = None) -> APIFuture[M]:
         """Submit a request whose result arrives through a server-side future.
 
         Returns at once. The APIFuture's submission completes once the server has accepted the
         request (after `turn`, if given, lets it go: per-run order), its result once polling
-        returns the result.
+        returns the result. `slot` (model_id, seq_id) is sent in headers, so the server can
+        fill the run's slot even when it rejects the body unread (413, bad JSON).
         """
         submitted: concurrent.futures.Future[str] = concurrent.futures.Future()
-        fut = APIFuture._run(self._run_op(path, body, result_type, submitted, turn), submitted)
+        fut = APIFuture._run(self._run_op(path, body, result_type, submitted, turn, slot),
+                             submitted)
         get_loop().track_submission(submitted)
         return fut
 
     async def _run_op(self, path: str, body: bytes, result_type: type[M],
                       submitted: concurrent.futures.Future[str],
-                      turn: tuple[Turns, int] | None) -> M:
+                      turn: tuple[Turns, int] | None, slot: tuple[str, int] | None) -> M:
         try:
             try:
                 if turn is not None:
                     await turn[0].wait(turn[1])
-                accepted = await self._transport.submit(path, body)
+                headers = None
+                told: set[int] = set()
+                if slot is not None:
+                    headers = {types.SLOT_RUN_HEADER: slot[0], types.SLOT_SEQ_HEADER: str(slot[1])}
+                    if turn is not None and turn[0].abandoned:
+                        told = set(sorted(turn[0].abandoned)[:types.MAX_ABANDONED_SEQS])
+                        headers[types.ABANDONED_SEQS_HEADER] = ",".join(map(str, sorted(told)))
+                try:
+                    accepted = await self._transport.submit(path, body, headers)
+                except BaseException:
+                    if turn is not None:
+                        turn[0].abandoned.add(turn[1])
+                    raise
+                if turn is not None:
+                    turn[0].abandoned -= told
             finally:
                 if turn is not None:
                     turn[0].release(turn[1])

@@ -44,6 +44,10 @@ class Turns:
         self._next = first
         self._released: set[int] = set()
         self._waiters: dict[int, asyncio.Future[None]] = {}
+        # Numbers whose request could not be submitted (the error went to its future) and
+        # that the server has not been told of yet: the next submission lists them in
+        # ABANDONED_HEADER, so the server fills their slots and the run's order moves on.
+        self.abandoned: set[int] = set()
 
     async def wait(self, seq: int) -> None:
         """Return once every number before `seq` has been released."""
@@ -159,7 +163,8 @@ class TrainingClient:
             self._last_seq += 1
             body = request.model_copy(update={"seq_id": self._last_seq}).model_dump_json(
                 exclude_none=True).encode()
-            return self._service._start_op(path, body, result_type, (self._turns, self._last_seq))
+            return self._service._start_op(path, body, result_type, (self._turns, self._last_seq),
+                                           slot=(self.model_id, self._last_seq))
 
     # ------------------------------------------------------------------ futures (the one copy)
 

@@ -273,7 +273,8 @@ class Transport:
         return self._poll if poll else self._api
 
     async def request(self, method: str, path: str, *, json_body: Any = None,
-                      params: dict[str, Any] | None = None, poll: bool = False) -> Any:
+                      params: dict[str, Any] | None = None, poll: bool = False,
+                      headers: dict[str, str] | None = None) -> Any:
         """Send one call, retrying per `self.policy`; return the decoded JSON body.
 
         `json_body` is a JSON-able value or already-encoded JSON bytes; every retry sends the
@@ -281,7 +282,7 @@ class Transport:
         status, and APIConnectionError / APITimeoutError when no response came back.
         """
         return _decode(await self._send(method, path, json_body=json_body, params=params,
-                                        poll=poll))
+                                        poll=poll, headers=headers))
 
     async def request_redirect(self, method: str, path: str) -> httpx.Response:
         """Like `request`, but a redirect is not followed: a 3xx with a Location header is
@@ -290,12 +291,14 @@ class Transport:
 
     async def _send(self, method: str, path: str, *, json_body: Any = None,
                     params: dict[str, Any] | None = None, poll: bool = False,
-                    redirect_ok: bool = False) -> httpx.Response:
+                    redirect_ok: bool = False, headers: dict[str, str] | None = None
+                    ) -> httpx.Response:
         budget = RetryBudget(self.policy)
         url = self.root + path
         if json_body is not None and not isinstance(json_body, bytes):
             json_body = json.dumps(json_body).encode()
-        headers = {"Content-Type": "application/json"} if json_body is not None else None
+        if json_body is not None:
+            headers = {"Content-Type": "application/json", **(headers or {})}
         while True:
             retry_after: float | None = None
             status = 0
@@ -367,9 +370,10 @@ class Transport:
                          budget.attempt, delay)
                 await asyncio.sleep(delay)
 
-    async def submit(self, path: str, body: bytes | dict[str, Any]) -> types.UntypedAPIFuture:
+    async def submit(self, path: str, body: bytes | dict[str, Any],
+                     headers: dict[str, str] | None = None) -> types.UntypedAPIFuture:
         """POST a request (JSON bytes or value) whose reply is the id of a server-side future."""
-        reply = await self.request("POST", path, json_body=body)
+        reply = await self.request("POST", path, json_body=body, headers=headers)
         return parse_result(types.UntypedAPIFuture, reply, path)
 
     async def wait_result(self, request_id: str) -> Any:

@@ -8,6 +8,7 @@ given to `Datum`/`TensorData` are converted by duck typing.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Literal
@@ -47,6 +48,20 @@ LOSS_INPUT_DTYPES: dict[str, str] = {
 }
 
 
+# Headers of ordered training requests (the SDK sends them; the server reads them before the
+# body): the run and seq_id slot the request takes, so a request rejected unread (413, bad
+# JSON) still fills its slot; and seq ids of the run whose submission the client gave up on
+# (comma-separated, at most MAX_ABANDONED_SEQS), whose slots the server fills before storing
+# this request. Either way the run's later requests do not wait forever.
+SLOT_RUN_HEADER = "x-bios-model-id"
+SLOT_SEQ_HEADER = "x-bios-seq-id"
+ABANDONED_SEQS_HEADER = "x-bios-abandoned-seqs"
+MAX_ABANDONED_SEQS = 64
+
+# A LoRA learning rate above this is a typo (1e308 turned a run's loss into NaN for good).
+MAX_LEARNING_RATE = 10.0
+
+
 class StrictModel(BaseModel):
     """Base for wire types: unknown fields are an error, so typos fail loudly.
 
@@ -66,9 +81,35 @@ class LenientModel(BaseModel):
 # ----------------------------------------------------------------------------- inputs
 
 
+def _strict_numbers(values: Any, integers: bool) -> Any:
+    """Reject `true` and `"7"` (and, for `integers`, 7.5 and 7.0) in a list of numbers.
+
+    Pydantic's lax mode would turn them into 1 and 7; on the wire that hides a client bug, so
+    they fail here with the list's field named. Numpy scalars stay accepted (SDK users pass
+    them).
+    """
+    if not isinstance(values, list):
+        return values
+    for i, v in enumerate(values):
+        t = type(v)
+        if t is int or (t is float and not integers):
+            continue
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or (
+                integers and not isinstance(v, numbers.Integral)):
+            want = "an integer" if integers else "a number"
+            raise ValueError(f"item {i} is {v!r} ({t.__name__}); each must be {want} "
+                             "(not a string or a boolean)")
+    return values
+
+
 class EncodedTextChunk(StrictModel):
     tokens: list[int]
     type: Literal["encoded_text"] = "encoded_text"
+
+    @field_validator("tokens", mode="before")
+    @classmethod
+    def _token_ids(cls, value: Any) -> Any:
+        return _strict_numbers(value, integers=True)
 
     @property
     def length(self) -> int:
@@ -122,6 +163,11 @@ class TensorData(StrictModel):
     data: list[float] | list[int]
     dtype: Literal["int64", "float32"]
     shape: list[int] | None = None
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _numbers(cls, value: Any) -> Any:
+        return _strict_numbers(value, integers=False)
 
     @classmethod
     def from_numpy(cls, array: np.ndarray) -> TensorData:
@@ -190,7 +236,7 @@ class AdamParams(StrictModel):
     gradient norm of the run's adapter before the step.
     """
 
-    learning_rate: float = Field(default=1e-4, ge=0.0)
+    learning_rate: float = Field(default=1e-4, ge=0.0, le=MAX_LEARNING_RATE)
     beta1: float = Field(default=0.9, ge=0.0, lt=1.0)
     beta2: float = Field(default=0.95, ge=0.0, lt=1.0)
     eps: float = Field(default=1e-12, gt=0.0)

@@ -419,16 +419,23 @@ def test_executor_tells_the_engine_once_per_lull(small, monkeypatch):
     lulls: list[float] = []
     monkeypatch.setattr(engine, "idle", lambda: lulls.append(time.monotonic()) or False)
     executor = InProcessExecutor(engine, idle_s=0.05)
+
+    def wait_for(n: int) -> None:  # a deadline, not a fixed sleep: a loaded CI box is slow
+        deadline = time.monotonic() + 60
+        while len(lulls) < n and time.monotonic() < deadline:
+            time.sleep(0.02)
+
     try:
         time.sleep(0.2)
         assert lulls == []  # nothing ran yet: nothing to clean up after
         done = executor.submit(CyclePlan(0, BASE, [create("a", 4, 1)])).result(timeout=60)
         finished = time.monotonic()
-        time.sleep(0.3)
+        wait_for(1)
+        time.sleep(0.3)  # and no second one without work in between
         assert len(lulls) == 1 and lulls[0] - finished >= 0.04  # once, after the lull
         assert done.results[0].ok
         executor.submit(CyclePlan(1, BASE, [PassGroup(run_ops("a"))])).result(timeout=60)
-        time.sleep(0.3)
+        wait_for(2)
         assert len(lulls) == 2
     finally:
         executor.shutdown()

@@ -308,12 +308,14 @@ def test_idle_run_is_unloaded_and_rebuilt_by_its_next_request(store, tmp_path) -
     make_run(store, "r1")
     make_run(store, "r2")
     eng = FakeEngine()
-    loop = idle_clock(store, eng, tmp_path / "state", unload_idle_s=0.05)
+    loop = idle_clock(store, eng, tmp_path / "state", unload_idle_s=600)
     seq = train(store, loop, "r1", 1, 3)
     submit(store, "r2", 1)  # a forward_backward with no optim_step: gradients pending
     assert loop.run_cycle() is not None
     assert loop.unload_idle_runs() == []  # not idle long enough yet
-    time.sleep(0.1)
+    # 10 minutes pass (moved back by hand, not slept: a loaded machine's cycles take any
+    # time, so a short real idle limit made this test depend on the machine's speed).
+    loop._last_active = {run: t - 601 for run, t in loop._last_active.items()}
     assert loop.unload_idle_runs() == ["r1"]
     assert "r1" not in eng.runs and "r2" in eng.runs
     run = store.get_run("r1")
@@ -394,3 +396,72 @@ def test_engine_exception_fails_the_cycle_clearly_and_the_clock_keeps_serving(st
         assert store.get_request(later).status == COMPLETED
     finally:
         loop.stop()
+
+
+def test_background_recovery_rebuilds_after_start_and_on_demand(store, tmp_path) -> None:
+    """recover(background=True) returns before any rebuild (the server answers at once);
+    a run's first claimed request rebuilds it then (same state as an eager recovery), and
+    the clock rebuilds the others one at a time between cycles."""
+    for run in ("r1", "r2"):
+        make_run(store, run)
+    state = tmp_path / "state"
+    loop1 = clock(store, FakeEngine(), state, steps=0)
+    assert loop1.run_cycle() is not None  # both creates
+    seq = train(store, loop1, "r1", 1, 3)
+    train(store, loop1, "r2", 1, 2)
+
+    eng = FakeEngine()
+    loop2 = clock(store, eng, state, steps=0)
+    assert loop2.recover(background=True) == ["r1", "r2"]
+    assert eng.plans == []  # nothing rebuilt yet
+    train(store, loop2, "r1", seq, 1)  # r1's request: r1 rebuilt first, in that cycle
+    assert "r2" not in eng.runs and eng.runs["r1"] == pytest.approx(reference(4))
+    loop2._restore_next_pending()  # what the clock thread does between cycles
+    assert set(eng.runs) == {"r1", "r2"} and not loop2._pending_restore
+    assert eng.runs["r2"]["steps"] == 2
+
+
+def test_stop_snapshots_unsaved_runs_so_a_restart_replays_nothing(store, tmp_path) -> None:
+    make_run(store, "r1")
+    state = tmp_path / "state"
+    loop1 = clock(store, FakeEngine(), state, steps=50)  # no periodic snapshot in 3 steps
+    loop1.start()
+    deadline = time.monotonic() + 60
+    while store.get_run("r1").next_seq == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    loop1.stop()  # the create ran; stop it and drive cycles by hand
+    train(store, loop1, "r1", 1, 3)
+    assert store.get_run("r1").snapshot_dir is None
+    loop1.stop()  # a clean shutdown (SIGTERM)
+    run = store.get_run("r1")
+    assert run.snapshot_seq == 6 and Path(run.snapshot_dir).is_dir()
+    eng = FakeEngine()
+    assert clock(store, eng, state, steps=50).recover() == ["r1"]
+    kinds = [s.kind if not isinstance(s, P.PassGroup) else "fbs" for s in eng.plans[0].steps]
+    assert kinds == ["create", "load"]  # nothing replayed
+    assert eng.runs["r1"] == pytest.approx(reference(3))
+
+
+def test_absolute_paths_of_an_older_server_are_made_data_dir_relative(store) -> None:
+    """Rows an older server wrote with absolute directories (its own data dir) are rewritten
+    relative, so a copied data dir reads its own files; the payload's hash follows, so an
+    SDK retry of the same request still matches."""
+    from bios.server.store import CheckpointRow, payload_digest
+
+    make_run(store, "r1")
+    old = "/srv/old-bios"
+    store.add_checkpoint(CheckpointRow(
+        run_id="r1", owner="local", kind="training", name="a",
+        directory=f"{old}/checkpoints/r1/weights/a", base_model=MODEL, size_bytes=1,
+        created_at=time.time()))
+    store.set_snapshot("r1", f"{old}/state/r1/seq-0000000002-abcd", 2)
+    load = store.submit(owner="local", run_id="r1", seq_id=1, kind="load_weights",
+                        base_model=MODEL, payload={**OPT, "directory":
+                                                   f"{old}/checkpoints/r1/weights/a"})
+    assert store.relativize_paths() == 3
+    assert store.get_checkpoint("r1", "training", "a").directory == "checkpoints/r1/weights/a"
+    assert store.get_run("r1").snapshot_dir == "state/r1/seq-0000000002-abcd"
+    row = store.get_request(load)
+    assert json.loads(row.payload)["directory"] == "checkpoints/r1/weights/a"
+    assert row.payload_hash == payload_digest(json.loads(row.payload))
+    assert store.relativize_paths() == 0  # idempotent

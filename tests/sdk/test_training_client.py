@@ -29,7 +29,7 @@ def test_ops_from_several_threads_are_submitted_in_call_order(
             with order_lock:  # defines the call order the server must see
                 call_order.append(marker)
                 if (thread_no + i) % 2:
-                    fut = training_client.optim_step(types.AdamParams(learning_rate=marker))
+                    fut = training_client.optim_step(types.AdamParams(weight_decay=marker))
                 else:
                     fut = training_client.forward_backward([make_datum()], "cross_entropy",
                                                            {"marker": marker})
@@ -45,7 +45,7 @@ def test_ops_from_several_threads_are_submitted_in_call_order(
 
     ops = [(p, b) for p, b in fake.submits if p != "/create_model"]
     assert [b["seq_id"] for _, b in ops] == list(range(1, 81))
-    seen = [b["adam_params"]["learning_rate"] if p == "/optim_step"
+    seen = [b["adam_params"]["weight_decay"] if p == "/optim_step"
             else b["forward_backward_input"]["loss_fn_config"]["marker"] for p, b in ops]
     assert seen == call_order
 

@@ -99,7 +99,9 @@ def test_polling_repolls_at_once_on_try_again(fake: FakeBios,
     fake.hold_results = True
     fake.poll_hold = 0.0  # the fake answers try_again immediately
     fut = training_client.optim_step()
-    time.sleep(0.3)
+    deadline = time.monotonic() + 30  # a deadline, not a fixed sleep: CI machines are slow
+    while len(calls_to(fake, "/retrieve_future")) <= 30 and time.monotonic() < deadline:
+        time.sleep(0.05)
     polls = len(calls_to(fake, "/retrieve_future"))
     fake.release_all()
     fut.result(timeout=5)
@@ -123,3 +125,21 @@ def test_bad_response_shape_is_an_api_response_validation_error(fake: FakeBios) 
     fake.add_fault("/get_server_capabilities", Fault(200, {"models": []}))
     with pytest.raises(E.APIResponseValidationError, match="GetServerCapabilitiesResponse"):
         service.get_server_capabilities()
+
+
+def test_ordered_ops_name_their_slot_and_report_given_up_seq_ids(
+        fake: FakeBios, training_client: bios.TrainingClient) -> None:
+    """Each training op names its (run, seq) slot in headers; one whose submission finally
+    failed (here: retries exhausted on 507) is listed in the next op's abandoned header, once,
+    so the server fills its slot and the run goes on."""
+    fake.add_fault("/forward_backward", *[Fault(507, {"detail": "storage full"})] * 6)
+    lost = training_client.forward_backward([make_datum()], "cross_entropy")
+    with pytest.raises(E.APIStatusError, match="storage full"):
+        lost.result()
+    training_client.optim_step().result()
+    training_client.optim_step().result()
+    sent = [(h.get(bios.types.SLOT_SEQ_HEADER), h.get(bios.types.ABANDONED_SEQS_HEADER))
+            for h in fake.headers if h.get(bios.types.SLOT_SEQ_HEADER)]
+    assert sent[-2:] == [("2", "1"), ("3", None)]
+    assert {h.get(bios.types.SLOT_RUN_HEADER) for h in fake.headers
+            if h.get(bios.types.SLOT_SEQ_HEADER)} == {training_client.model_id}

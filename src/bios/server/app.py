@@ -14,27 +14,69 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
-from typing import Any
+from typing import Any, TypeVar
 
+import pydantic
 from fastapi import FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
+from sqlalchemy.exc import DBAPIError
 
 from bios import types as T
 from bios.server.auth import KeyRing
 from bios.server.config import ServerConfig
 from bios.server.console_api import console_router
-from bios.server.http_guard import RequestGuard, error_response
+from bios.server.http_guard import ORDERED_ROUTES, RequestGuard, error_response, slot_of
 from bios.server.openai_api import OpenAIRoutes
 from bios.server.path_scheme import TinkerPathScheme
 from bios.server.proto_bodies import ProtobufBodies
 from bios.server.service import BiosService
 from bios.server.tinker_routes import add_tinker_routes
-from bios.server.validation import APIError
+from bios.server.validation import INT32_MAX, APIError
 from bios.server.wire_proto import PROTOBUF, encode_result
 
+# The SDK lists in this header the seq ids of a run whose submission it gave up on (a
+# disk-full period longer than its retry window, say): the server fills those slots before
+# it stores this request, so the run's order moves on.
+ABANDONED_HEADER = T.ABANDONED_SEQS_HEADER
+MAX_ABANDONED = T.MAX_ABANDONED_SEQS
+
 log = logging.getLogger("bios.server")
+
+M = TypeVar("M", bound=pydantic.BaseModel)
+# Bodies above this are parsed in a worker thread, so a large one never blocks the event
+# loop (healthz, long-polls) while it is parsed.
+PARSE_IN_THREAD_BYTES = 256 * 1024
+
+
+async def parse_body(request: Request, model: type[M]) -> M:
+    """The request body validated as `model`, parsed as FastAPI would (json.loads, then
+    validation) but, for a large body, in a worker thread: parsing a 50 MB batch takes
+    seconds of CPU, and on the event loop it stalled /healthz and every long-poll. Errors
+    are raised as RequestValidationError, the same 400 as FastAPI's own parsing gives.
+    """
+    raw = await request.body()
+    if len(raw) > PARSE_IN_THREAD_BYTES:
+        return await run_in_threadpool(_parse, raw, model)
+    return _parse(raw, model)
+
+
+def _parse(raw: bytes, model: type[M]) -> M:
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        pos = getattr(e, "pos", getattr(e, "start", 0))
+        why = getattr(e, "msg", None) or getattr(e, "reason", "JSON decode error")
+        raise RequestValidationError([{"type": "json_invalid", "loc": ("body", pos),
+                                       "msg": "JSON decode error",
+                                       "ctx": {"error": why}}]) from None
+    try:
+        return model.model_validate(data)
+    except pydantic.ValidationError as e:
+        raise RequestValidationError(
+            [{**err, "loc": ("body", *err.get("loc", ()))} for err in e.errors(
+                include_url=False, include_input=False)]) from None
 
 
 class Waiter(asyncio.Event):
@@ -73,6 +115,20 @@ class Waiters:
         have them read it from the store)."""
         if self.loop is not None and not self.loop.is_closed():
             self.loop.call_soon_threadsafe(self._set, dict(finished))
+
+
+def store_error(e: DBAPIError) -> APIError:
+    """The client's error for a failed database call: 507 when the disk (or database) is
+    full, 503 otherwise (locked, I/O error, connection lost), each with a retryable reason."""
+    text = str(e.orig if e.orig is not None else e).lower()
+    pgcode = getattr(e.orig, "sqlstate", None) or getattr(e.orig, "pgcode", None)
+    if "disk is full" in text or "no space left" in text or pgcode == "53100":
+        return APIError(507, "the server's storage is full, so it cannot store this request; "
+                        "nothing was stored. Retry later (an operator must free disk space); "
+                        "reads still work.", None, "storage_full")
+    return APIError(503, "the server's database is unavailable for this request "
+                    f"({type(e.orig).__name__ if e.orig is not None else 'error'}); nothing "
+                    "was stored. Retry later.", None, "store_unavailable")
 
 
 def owner_of(request: Request) -> str:
@@ -118,10 +174,15 @@ def create_app(config: ServerConfig, service: BiosService | None = None) -> Fast
                           err: APIError) -> None:
         await run_in_threadpool(svc.reject, owner, run_id, seq_id, kind, err)
 
+    async def reject_slot(owner: str, run_id: str, seq_id: int, kind: str, detail: str) -> None:
+        await reject_body(owner, run_id, seq_id, kind, APIError(413, detail, None, "too_large"))
+
     # Added first, so it runs inside RequestGuard (key and size are checked before decoding).
     app.add_middleware(ProtobufBodies, max_body_bytes=config.max_body_bytes, reject=reject_body)
     app.add_middleware(TinkerPathScheme)
-    app.add_middleware(RequestGuard, keyring=keyring, max_body_bytes=config.max_body_bytes)
+    app.add_middleware(RequestGuard, keyring=keyring, max_body_bytes=config.max_body_bytes,
+                       reject_slot=reject_slot,
+                       body_bytes_in_flight=config.max_body_bytes_in_flight)
     app.state.service = svc
 
     @app.exception_handler(APIError)
@@ -131,39 +192,67 @@ def create_app(config: ServerConfig, service: BiosService | None = None) -> Fast
             headers = {"WWW-Authenticate": "Bearer"}
         return error_response(e.status, e.detail, e.field, e.code, headers, e.extra)
 
+    @app.exception_handler(DBAPIError)
+    async def _store_error(request: Request, e: DBAPIError) -> JSONResponse:
+        """The database failed under a request: 507 when it is out of space, else 503 with
+        the reason; never a bare 500. Reads keep working while writes fail."""
+        err = store_error(e)
+        log.warning("%s %s: %s (%s)", request.method, request.url.path, err.detail,
+                    type(e.orig).__name__ if e.orig is not None else type(e).__name__)
+        return error_response(err.status, err.detail, err.field, err.code, {"Retry-After": "5"})
+
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0] if e.errors() else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        field = ".".join(loc) or None
-        msg = first.get("msg", "invalid request")
-        err = APIError(400, f"{field}: {msg}" if field else msg, field, "invalid_request")
+        if first.get("type") == "json_invalid":
+            # pydantic's loc here is ("body", <character offset>): say so, name no field.
+            loc = first.get("loc", ())
+            why = str((first.get("ctx") or {}).get("error", "JSON decode error"))
+            where = f" at character {loc[1]}" if len(loc) > 1 else ""  # else: in `why`
+            err = APIError(400, f"the request body is not valid JSON: {why}{where}", None,
+                           "invalid_json")
+        else:
+            loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+            field = ".".join(loc) or None
+            msg = first.get("msg", "invalid request")
+            err = APIError(400, f"{field}: {msg}" if field else msg, field, "invalid_request")
         await _fill_rejected_slot(request, err)
         return error_response(err.status, err.detail, err.field, err.code)
 
     async def _fill_rejected_slot(request: Request, err: APIError) -> None:
-        """A body that fails schema validation but names its run and seq_id still takes its
-        slot, so the run's later requests do not wait for it forever."""
+        """A body that fails to parse or validate but names its run and seq_id (in the
+        SDK's slot headers, or in the body) still takes its slot, so the run's later
+        requests do not wait for it forever."""
+        kind = ORDERED_ROUTES.get(request.url.path)
         try:
-            body = await request.json()
-        except Exception:
+            owner = owner_of(request)
+        except APIError:
             return
-        if not isinstance(body, dict):
-            return
-        run_id, seq_id = body.get("model_id"), body.get("seq_id")
-        if isinstance(run_id, str) and isinstance(seq_id, int) and not isinstance(seq_id, bool):
-            kind = request.url.path.rsplit("/", 1)[-1]
+        slot = slot_of({k: request.headers.get(k, "")
+                        for k in (T.SLOT_RUN_HEADER, T.SLOT_SEQ_HEADER)})
+        if slot is None:
             try:
-                owner = owner_of(request)
-            except APIError:
+                body = await request.json()
+            except Exception:
                 return
-            await run_in_threadpool(svc.reject, owner, run_id, seq_id, kind, err)
+            if not isinstance(body, dict):
+                return
+            run_id, seq_id = body.get("model_id"), body.get("seq_id")
+            if not (isinstance(run_id, str) and isinstance(seq_id, int)
+                    and not isinstance(seq_id, bool)):
+                return
+            slot = (run_id, seq_id)
+        await run_in_threadpool(svc.reject, owner, slot[0], slot[1],
+                                kind or request.url.path.rsplit("/", 1)[-1], err)
 
     def submit(kind: str, fn: Callable[[str, Any], Any]) -> Callable[[Request, Any], Any]:
         """Wrap a submit call so a rejected request still fills its seq slot."""
 
         def call(request: Request, body: Any) -> Any:
             owner = owner_of(request)
+            abandoned = request.headers.get(ABANDONED_HEADER)
+            if abandoned:
+                fill_abandoned(owner, body.model_id, abandoned, kind)
             try:
                 return fn(owner, body)
             except APIError as e:
@@ -176,6 +265,17 @@ def create_app(config: ServerConfig, service: BiosService | None = None) -> Fast
                 raise
 
         return call
+
+    def fill_abandoned(owner: str, run_id: str, header: str, kind: str) -> None:
+        seqs = [p.strip() for p in header.split(",")][:MAX_ABANDONED]
+        for p in seqs:
+            if not p.isdigit() or len(p) > 10:
+                raise APIError(400, f"{ABANDONED_HEADER} must list seq ids (comma-separated "
+                               f"integers), got {header[:80]!r}", ABANDONED_HEADER)
+        for p in seqs:
+            svc.reject(owner, run_id, int(p), kind, APIError(
+                400, "the client gave up submitting this request (it raised an error there); "
+                "its slot was filled so the run's later requests go on", None, "abandoned"))
 
     api = "/api/v1"
 
@@ -215,30 +315,35 @@ def create_app(config: ServerConfig, service: BiosService | None = None) -> Fast
     save_s = submit("save_weights_for_sampler", svc.save_weights_for_sampler)
     load = submit("load_weights", svc.load_weights)
 
-    @app.post(f"{api}/forward_backward")
-    def forward_backward(request: Request, body: T.ForwardBackwardRequest) -> T.UntypedAPIFuture:
-        return fb(request, body)
+    @app.post(f"{api}/forward_backward", response_model=T.UntypedAPIFuture)
+    async def forward_backward(request: Request) -> Any:
+        return await run_in_threadpool(fb, request,
+                                       await parse_body(request, T.ForwardBackwardRequest))
 
-    @app.post(f"{api}/forward")
-    def forward(request: Request, body: T.ForwardRequest) -> T.UntypedAPIFuture:
-        return fwd(request, body)
+    @app.post(f"{api}/forward", response_model=T.UntypedAPIFuture)
+    async def forward(request: Request) -> Any:
+        return await run_in_threadpool(fwd, request,
+                                       await parse_body(request, T.ForwardRequest))
 
-    @app.post(f"{api}/optim_step")
-    def optim_step(request: Request, body: T.OptimStepRequest) -> T.UntypedAPIFuture:
-        return opt(request, body)
+    @app.post(f"{api}/optim_step", response_model=T.UntypedAPIFuture)
+    async def optim_step(request: Request) -> Any:
+        return await run_in_threadpool(opt, request,
+                                       await parse_body(request, T.OptimStepRequest))
 
-    @app.post(f"{api}/save_weights")
-    def save_weights(request: Request, body: T.SaveWeightsRequest) -> T.UntypedAPIFuture:
-        return save(request, body)
+    @app.post(f"{api}/save_weights", response_model=T.UntypedAPIFuture)
+    async def save_weights(request: Request) -> Any:
+        return await run_in_threadpool(save, request,
+                                       await parse_body(request, T.SaveWeightsRequest))
 
-    @app.post(f"{api}/save_weights_for_sampler")
-    def save_weights_for_sampler(request: Request,
-                                 body: T.SaveWeightsForSamplerRequest) -> T.UntypedAPIFuture:
-        return save_s(request, body)
+    @app.post(f"{api}/save_weights_for_sampler", response_model=T.UntypedAPIFuture)
+    async def save_weights_for_sampler(request: Request) -> Any:
+        return await run_in_threadpool(save_s, request, await parse_body(
+            request, T.SaveWeightsForSamplerRequest))
 
-    @app.post(f"{api}/load_weights")
-    def load_weights(request: Request, body: T.LoadWeightsRequest) -> T.UntypedAPIFuture:
-        return load(request, body)
+    @app.post(f"{api}/load_weights", response_model=T.UntypedAPIFuture)
+    async def load_weights(request: Request) -> Any:
+        return await run_in_threadpool(load, request,
+                                       await parse_body(request, T.LoadWeightsRequest))
 
     @app.post(f"{api}/weights_info")
     def weights_info(request: Request, body: T.WeightsInfoRequest) -> T.WeightsInfoResponse:
@@ -275,7 +380,8 @@ def create_app(config: ServerConfig, service: BiosService | None = None) -> Fast
 
     @app.get(f"{api}/training_runs")
     def list_training_runs(request: Request, limit: int = Query(20, ge=1, le=1000),
-                           offset: int = Query(0, ge=0)) -> T.TrainingRunsResponse:
+                           offset: int = Query(0, ge=0, le=INT32_MAX)
+                           ) -> T.TrainingRunsResponse:
         return svc.list_runs(owner_of(request), limit, offset)
 
     @app.get(f"{api}/training_runs/{{run_id}}")

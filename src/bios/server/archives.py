@@ -96,6 +96,11 @@ class ArchiveSigner:
         self._key: bytes | None = None
         self._lock = threading.Lock()
 
+    def load(self) -> None:
+        """Read (or create) the secret now: a start-up check, so a corrupted file stops the
+        server with a clear message instead of failing archive routes later."""
+        self._secret()
+
     def _secret(self) -> bytes:
         with self._lock:
             if self._key is None:
@@ -163,10 +168,11 @@ def _load_or_create_secret(path: Path) -> bytes:
     if mode & 0o077:
         log.warning("%s is readable by other users (mode %o): anyone who reads it can forge "
                     "archive URLs; chmod 600 it", path, stat.S_IMODE(mode))
-    text = path.read_text().strip()
+    text = path.read_bytes().decode("ascii", "replace").strip()
     if not _SECRET_RE.fullmatch(text):
-        raise RuntimeError(f"{path} does not hold a 64-hex-digit secret; delete it and restart "
-                           "to make a new one (this invalidates issued archive URLs)")
+        raise RuntimeError(f"{path.name} in the data dir does not hold a 64-hex-digit secret; "
+                           "delete it and restart to make a new one (this invalidates the "
+                           "archive URLs issued so far)")
     return bytes.fromhex(text)
 
 

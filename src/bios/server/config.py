@@ -27,6 +27,9 @@ class ServerConfig:
     token_budget: int | None = None  # tokens per batched pass; None: engine default for device
     long_poll_seconds: float = 30.0  # how long retrieve_future holds a request open
     max_body_bytes: int = 64 * 1024 * 1024
+    # Request bodies read and parsed at once, all requests together (None: max_body_bytes);
+    # a body over 256 KiB waits until its bytes fit (see http_guard.ByteBudget).
+    max_body_bytes_in_flight: int | None = None
     max_queued_per_run: int = 1024  # backpressure: requests queued but not yet run, per run
     max_queued_total: int = 16384
     max_queued_per_tenant: int = 4096  # queued requests of one tenant, all its runs/samplers
@@ -59,6 +62,8 @@ class ServerConfig:
     # a snapshot and are rebuilt from it on their next request; a restart rebuilds at once
     # only runs active this recently. 0: keep every run resident (and rebuild all at start).
     unload_idle_s: float = 900.0
+    # Start on a zero-length bios.db (refused by default: see integrity.check_sqlite_file).
+    allow_empty_database: bool = False
     model_cache: Path | None = None  # default: data_dir/models; share one across servers
     # (tenant, sha256 hex of a key) pairs; empty: local mode, one tenant "local", loopback only.
     api_keys: list[tuple[str, str]] = field(default_factory=list)
@@ -80,6 +85,10 @@ class ServerConfig:
     @property
     def db_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'bios.db').resolve()}"
+
+    @property
+    def archive_secret_path(self) -> Path:
+        return self.data_dir / "archive_url_secret"
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from bios.server import plan as P
+from bios.server.data_paths import resolve, to_stored
 from bios.server.store import (
     CheckpointRow,
     ClaimedRequest,
@@ -376,8 +377,8 @@ class ClockLoop:
                  notify: Callable[[dict[str, str | None]], None], cycle_ids: Callable[[], int],
                  state_dir: str | Path | None = None, snapshot_steps: int = 50,
                  snapshot_seconds: float = 120.0,
-                 unload_idle_s: float = 0.0, cycle_tokens: int = 0,
-                 cycle_seconds: float = 0.0, split_tokens: int = 2048,
+                 unload_idle_s: float = 0.0, data_dir: str | Path | None = None,
+                 cycle_tokens: int = 0, cycle_seconds: float = 0.0, split_tokens: int = 2048,
                  max_resident_runs: int = 0, max_resident_runs_per_tenant: int = 0,
                  on_sample_progress: Callable[[dict[str, list[list[int]]]], None] | None = None):
         self.base_model = base_model
@@ -396,6 +397,8 @@ class ClockLoop:
         self.last_cycle: CycleLog | None = None
         # Crash recovery: periodic snapshots of each run's state (None: no snapshots).
         self.state_dir = Path(state_dir) if state_dir is not None else None
+        # Stored directories are relative to the data dir (data_paths.py); None: as given.
+        self.data_dir = Path(data_dir) if data_dir is not None else None
         self.snapshot_steps = snapshot_steps
         self.snapshot_seconds = snapshot_seconds
         self._unsaved: dict[str, _Unsaved] = {}  # runs whose state changed since a snapshot
@@ -429,14 +432,44 @@ class ClockLoop:
         self._splits: dict[str, SplitRequest] = {}  # run -> its split request in progress
         self._tokens_per_s: float | None = None  # engine pass throughput (moving average)
         self._overhead_s: float | None = None  # a cycle's time outside the engine (average)
+        # Runs a restart still has to rebuild (recover(background=True)), in order: the
+        # clock rebuilds one between cycles, or a run at once when work of it is claimed.
+        self._pending_restore: dict[str, RunRecovery] = {}
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop the clock after its current cycle, then snapshot the runs with unsaved
+        changes (a clean shutdown, SIGTERM: the next start replays nothing for them)."""
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout=30)
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+        if self._thread.is_alive():
+            log.warning("clock of %s did not stop in 30 s; no shutdown snapshots",
+                        self.base_model)
+            return
+        try:
+            self.snapshot_unsaved_runs()
+        except Exception:
+            log.exception("shutdown snapshots of %s failed", self.base_model)
+
+    def snapshot_unsaved_runs(self) -> list[str]:
+        """Snapshot every resident run whose state changed since its last snapshot and that
+        holds no pending gradients (those replay from their last snapshot). Call only while
+        no cycle runs (the clock is stopped). Returns the runs snapshotted."""
+        if self.state_dir is None:
+            return []
+        due = {}
+        for run in sorted(self._unsaved):
+            if run in self._resident and run not in self._dirty:
+                row = self.store.get_run(run)
+                if row is not None and not row.lost_reason:
+                    due[run] = row.next_seq - 1  # every claimed request has finished
+        if due:
+            self._write_snapshots(0, due)
+        return [run for run in due if run not in self._unsaved]
 
     def wake(self) -> None:
         """Called after a submit: in continuous mode, start a cycle now if idle."""
@@ -461,6 +494,8 @@ class ClockLoop:
         while not self._stop.is_set():
             trained = sampled = False
             try:
+                if self._pending_restore:
+                    self._restore_next_pending()
                 now = time.monotonic()
                 if self.period == 0 or now >= next_tick:
                     if self.period > 0:
@@ -751,7 +786,9 @@ class ClockLoop:
             if not r.ok:
                 log.warning("snapshot of run %s failed: %s", op.run_id, r.error)
                 continue
-            self.store.set_snapshot(op.run_id, op.directory, due[op.run_id])
+            stored = (to_stored(self.data_dir, op.directory) if self.data_dir is not None
+                      else op.directory)
+            self.store.set_snapshot(op.run_id, stored, due[op.run_id])
             self._unsaved.pop(op.run_id, None)
             saved += 1
             keep = Path(op.directory)
@@ -761,18 +798,29 @@ class ClockLoop:
         log.info("snapshots model=%s runs=%d ms=%.1f", self.base_model, saved,
                  (time.perf_counter() - t0) * 1000)
 
-    def recover(self) -> list[str]:
+    def recover(self, background: bool = False) -> list[str]:
         """Rebuild engine state from the durable log after a restart; call before `start()`.
 
         Requests that were running are queued again (Store.prepare_recovery), so each
         optim_step applies exactly once. Runs with queued work or a request within the last
-        `unload_idle_s` are rebuilt now (see `_restore`); the others stay on disk and are
+        `unload_idle_s` are rebuilt (see `_restore`); the others stay on disk and are
         rebuilt when work arrives for them, so start-up time does not grow with history.
-        Returns the run ids rebuilt now; logs one line per run.
+
+        background=False rebuilds them now and returns their ids. background=True only
+        records them and returns their ids: the clock rebuilds them one at a time between
+        cycles once started (a run at once when work of it is claimed), so the server
+        answers (healthz, other runs' requests) while a long replay is under way.
+        Logs one line per run.
         """
         t0 = time.perf_counter()
         since = time.time() - self.unload_idle_s if self.unload_idle_s > 0 else None
         recs = self.store.prepare_recovery(self.base_model, active_since=since)
+        if background:
+            self._pending_restore = {rec.run.id: rec for rec in recs}
+            if recs:
+                log.info("recovery model=%s runs=%d: rebuilding in the background",
+                         self.base_model, len(recs))
+            return list(self._pending_restore)
         recovered = self._restore(recs, "recovered")
         if recs:
             log.info("recovery model=%s runs=%d lost=%d ms=%.1f", self.base_model,
@@ -859,6 +907,17 @@ class ClockLoop:
                      rec.requeued)
         return restored
 
+    def _restore_next_pending(self) -> None:
+        """Rebuild the next run a restart left to rebuild (background recovery)."""
+        run_id, rec = next(iter(self._pending_restore.items()))
+        del self._pending_restore[run_id]
+        if run_id not in self._resident:
+            t0 = time.perf_counter()
+            self._restore([rec], "recovered")
+            if not self._pending_restore:
+                log.info("recovery model=%s done (last run in %.1f ms)", self.base_model,
+                         (time.perf_counter() - t0) * 1000)
+
     def _restore_claimed(self, claimed: list[ClaimedRequest]) -> list[ClaimedRequest]:
         """Rebuild the runs of these requests that are not in the engine (unloaded while
         idle, or idle at a restart); returns the requests whose runs are usable (a run that
@@ -868,8 +927,12 @@ class ClockLoop:
                   and r.run_id not in creating}
         if not absent:
             return claimed
-        recs = [rec for run in sorted(absent) if (rec := self.store.run_recovery(run))]
-        restored = set(self._restore(recs, "reloaded"))
+        pending = [self._pending_restore.pop(run) for run in sorted(absent)
+                   if run in self._pending_restore]  # still to rebuild after a restart
+        restored = set(self._restore(pending, "recovered")) if pending else set()
+        recs = [rec for run in sorted(absent - restored - {p.run.id for p in pending})
+                if (rec := self.store.run_recovery(run))]
+        restored |= set(self._restore(recs, "reloaded"))
         gone = [r.id for r in claimed if r.run_id in absent and r.run_id not in restored]
         if gone:  # lost runs: mark_run_lost failed these requests
             self.notify(dict.fromkeys(gone))
@@ -969,6 +1032,12 @@ class ClockLoop:
                      self.max_resident_runs or "none", limit or "none", ", ".join(unload[:8]))
         return unload
 
+    def _size_of(self, stored: str) -> int:
+        """Bytes of the files in a checkpoint directory just written (0 if unreadable)."""
+        root = self.data_dir if self.data_dir is not None else Path()
+        directory = resolve(root, stored)
+        return directory_bytes(directory) if directory is not None else 0
+
     def _wire_result(self, req: ClaimedRequest, engine_result: dict[str, Any]) -> dict[str, Any]:
         """Turn an engine result into the wire response, registering checkpoints."""
         if req.kind == "create":
@@ -980,8 +1049,7 @@ class ClockLoop:
             self.store.add_checkpoint(CheckpointRow(
                 run_id=req.run_id, owner=req.payload["owner"], kind=ck["kind"], name=ck["name"],
                 directory=ck["directory"], base_model=req.payload["base_model_name"],
-                size_bytes=int(engine_result.get("size_bytes", 0))
-                or directory_bytes(ck["directory"]),
+                size_bytes=self._size_of(ck["directory"]),
                 ephemeral=bool(ck.get("ephemeral")), created_at=time.time()))
             if ck.get("sampler_id"):
                 self.store.add_sampler(SamplerRow(

@@ -20,7 +20,6 @@ from typing import Any
 
 from bios import types as T
 from bios.server.archives import (
-    SECRET_FILE,
     ArchiveClaims,
     ArchiveSigner,
     ArchiveTokenError,
@@ -28,6 +27,8 @@ from bios.server.archives import (
     TarStream,
 )
 from bios.server.config import ServerConfig
+from bios.server.data_paths import DataDirExecutor, resolve, to_stored
+from bios.server.integrity import check_data_dir
 from bios.server.scheduler import ClockLoop
 from bios.server.store import (
     COMPLETED,
@@ -98,7 +99,7 @@ class BiosService:
         self.store: Store | None = None
         self.registry: Any = None
         self.models: dict[str, ServedModel] = {}  # canonical name -> served model
-        self.archives = ArchiveSigner(config.data_dir / SECRET_FILE)
+        self.archives = ArchiveSigner(config.archive_secret_path)
         self.ready = False
         # Called from clock threads with streamed samples' tokens so far (openai_api.py).
         self.sample_progress: Any = None
@@ -113,7 +114,11 @@ class BiosService:
         cfg = self.config
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
         cfg.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        check_data_dir(cfg)  # before any model loads: a damaged data dir stops here
         self.store = Store(cfg.db_url)
+        moved = self.store.relativize_paths()
+        if moved:
+            log.info("stored %d checkpoint/snapshot paths relative to the data dir", moved)
         self.registry = ModelRegistry(cfg.model_cache_dir, list(cfg.models))
         canonicals: list[str] = []
         for name in self.registry.names():
@@ -128,7 +133,9 @@ class BiosService:
                                            token_budget=cfg.token_budget)
             executor = InProcessExecutor(engine)
             pass_tokens = int(engine.token_budget)
-            clock = ClockLoop(base_model=canonical, store=self.store, executor=executor,
+            clock = ClockLoop(base_model=canonical, store=self.store,
+                              executor=DataDirExecutor(executor, cfg.data_dir),
+                              data_dir=cfg.data_dir,
                               period=cfg.clock_period, notify=self.notify,
                               cycle_ids=self._next_cycle_id, state_dir=cfg.state_dir,
                               snapshot_steps=cfg.snapshot_steps,
@@ -146,8 +153,8 @@ class BiosService:
             log.info("loaded %s (%s) in %.1fs: vocab=%d context=%d", canonical, model_dir,
                      time.perf_counter() - t0, limits.vocab_size, limits.context_length)
         self._cycle_counter = self.store.next_cycle_id()
-        for m in self.models.values():  # crash recovery: replay the durable log first
-            m.clock.recover()
+        for m in self.models.values():  # crash recovery: runs are rebuilt once clocks run
+            m.clock.recover(background=True)
         for m in self.models.values():
             m.clock.start()
         self.ready = True
@@ -187,6 +194,12 @@ class BiosService:
             raise APIError(404, f"unknown base model {name!r}; this server serves: {avail}. "
                            "Start the server with --models to add one.", field, "unknown_model")
         return self.models[canonical]
+
+    def _on_disk(self, stored: str) -> Path:
+        """A stored checkpoint directory (relative to the data dir) as an absolute path."""
+        p = resolve(self.config.data_dir, stored)
+        assert p is not None
+        return p.resolve()
 
     def _owned_run(self, owner: str, run_id: str, field: str = "model_id") -> RunRow:
         run = self.db.get_run(run_id)
@@ -359,7 +372,8 @@ class BiosService:
             raise APIError(409, f"checkpoint {name!r} already exists for this run; pick another "
                            "name or pass overwrite=True", "path", "exists")
         directory = self.config.checkpoint_dir / run_dir_name(run.id) / "weights" / name
-        ck = {"kind": "training", "name": name, "directory": str(directory.resolve()),
+        ck = {"kind": "training", "name": name,
+              "directory": to_stored(self.config.data_dir, directory),
               "path": f"bios://{run.id}/weights/{name}"}
         return self._submit(owner, run, req.seq_id, "save_weights",
                             {"wire": req.model_dump(mode="json"), "checkpoint": ck})
@@ -390,7 +404,7 @@ class BiosService:
             raise APIError(400, "give either path (a name for a persistent sampler checkpoint) "
                            "or sampling_session_seq_id (an ephemeral snapshot)", "path")
         directory = self.config.checkpoint_dir / run_dir_name(run.id) / "sampler_weights" / name
-        ck["directory"] = str(directory.resolve())
+        ck["directory"] = to_stored(self.config.data_dir, directory)
         return self._submit(owner, run, req.seq_id, "save_weights_for_sampler",
                             {"wire": req.model_dump(mode="json"), "checkpoint": ck})
 
@@ -570,7 +584,7 @@ class BiosService:
     def delete_checkpoint(self, owner: str, run_id: str, seg: str, name: str) -> None:
         ck = self._own_checkpoint(owner, run_id, seg, name, "delete")
         root = self.config.checkpoint_dir.resolve()
-        directory = Path(ck.directory).resolve()
+        directory = self._on_disk(ck.directory)
         if root in directory.parents:  # never delete outside the data dir
             shutil.rmtree(directory, ignore_errors=True)
         self.db.delete_checkpoint(ck.id)
@@ -614,7 +628,7 @@ class BiosService:
                 or ck.ephemeral or (ck.owner != claims.tenant and not ck.public)):
             raise gone
         root = self.config.checkpoint_dir.resolve()
-        directory = Path(ck.directory).resolve()
+        directory = self._on_disk(ck.directory)
         if root not in directory.parents:  # never read outside the data dir
             raise gone
         try:
@@ -682,7 +696,7 @@ class BiosService:
         op = check_sample(req, served.limits, self.config.max_samples_per_request)
         adapter_key = None
         if checkpoint_dir is not None:
-            weights = Path(checkpoint_dir) / "adapter_model.safetensors"
+            weights = self._on_disk(checkpoint_dir) / "adapter_model.safetensors"
             if not weights.exists():
                 raise APIError(404, "the sampler's weights are gone (checkpoint deleted)",
                                "sampling_session_id")

@@ -434,6 +434,41 @@ class Store:
                     for r in rows],
             requeued=requeued)
 
+    def relativize_paths(self) -> int:
+        """Rewrite directories an older server stored as absolute paths into their
+        data-dir-relative form (data_paths.relative_form): checkpoints, samplers, snapshots
+        and the load/save payloads replayed or run later. Returns how many were rewritten."""
+        from bios.server.data_paths import relative_form
+
+        n = 0
+        with self.tx() as s:
+            for ck in s.execute(select(CheckpointRow)).scalars():
+                if (rel := relative_form(ck.directory)) is not None:
+                    ck.directory, n = rel, n + 1
+            for sm in s.execute(select(SamplerRow).where(
+                    SamplerRow.checkpoint_dir.is_not(None))).scalars():
+                if sm.checkpoint_dir and (rel := relative_form(sm.checkpoint_dir)) is not None:
+                    sm.checkpoint_dir, n = rel, n + 1
+            for run in s.execute(select(RunRow).where(RunRow.snapshot_dir.is_not(None))
+                                 ).scalars():
+                if run.snapshot_dir and (rel := relative_form(run.snapshot_dir)) is not None:
+                    run.snapshot_dir, n = rel, n + 1
+            # Payloads only where an older server left absolute rows (a scan of the log).
+            for req in () if n == 0 else s.execute(select(RequestRow).where(RequestRow.kind.in_(
+                    ("load_weights", "save_weights", "save_weights_for_sampler")),
+                    RequestRow.payload.like('%"directory": "/%'))).scalars():
+                payload = json.loads(req.payload)
+                holder = payload.get("checkpoint", payload)
+                rel = relative_form(str(holder.get("directory", "")))
+                if rel is not None:
+                    holder["directory"] = rel
+                    req.payload = json.dumps(payload)
+                    # A retry of this request from an SDK computes its payload anew, with
+                    # the relative directory: it must still match (idempotent retry).
+                    req.payload_hash = payload_digest(payload)
+                    n += 1
+        return n
+
     def set_snapshot(self, run_id: str, directory: str, seq: int) -> None:
         """Record a run's newest periodic snapshot (written before this is called)."""
         with self.tx() as s:
