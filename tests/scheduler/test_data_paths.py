@@ -48,3 +48,24 @@ def test_stored_forms(tmp_path: Path) -> None:
     assert relative_form("/old/dd/state/r/seq-0000000001-ab") == "state/r/seq-0000000001-ab"
     assert relative_form("checkpoints/r/weights/a") is None
     assert relative_form("/somewhere/else") is None
+
+
+class Accepting(Recorder):
+    """An executor that records plans and answers with no op results."""
+
+    def submit(self, plan):
+        self.plans.append(plan)
+        f: Future = Future()
+        f.set_result(P.CycleResult(plan.cycle_id, []))
+        return f
+
+
+def test_a_creation_from_a_checkpoint_gets_its_absolute_directory(tmp_path: Path) -> None:
+    """Tinker 0.38's create-from-state: the creation op itself loads the checkpoint."""
+    inner = Accepting()
+    spec = P.AdapterSpec(rank=4, seed=0)
+    DataDirExecutor(inner, tmp_path).submit(P.CyclePlan(1, "m", [
+        P.CreateAdapterOp("a", "r", spec, load_from="checkpoints/q/weights/x"),
+        P.CreateAdapterOp("b", "s", spec)])).result()
+    assert [s.load_from for s in inner.plans[0].steps] == [
+        str(tmp_path.resolve() / "checkpoints/q/weights/x"), None]

@@ -93,7 +93,9 @@ class DataDirExecutor:
     def _resolved(self, plan: Any) -> Any:
         if isinstance(plan, P.CyclePlan):
             steps = [dataclasses.replace(s, directory=self._path(s.directory))
-                     if isinstance(s, P.SaveStateOp | P.LoadStateOp) else s
+                     if isinstance(s, P.SaveStateOp | P.LoadStateOp)
+                     else dataclasses.replace(s, load_from=self._path(s.load_from))
+                     if isinstance(s, P.CreateAdapterOp) and s.load_from is not None else s
                      for s in plan.steps]
             return dataclasses.replace(plan, steps=steps)
         if isinstance(plan, P.SamplePlan):
