@@ -23,7 +23,9 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
+
+from sqlalchemy.exc import SQLAlchemyError
 
 from bios.server import plan as P
 from bios.server.data_paths import resolve, to_stored
@@ -42,6 +44,10 @@ from bios.server.store import (
 log = logging.getLogger("bios.scheduler")
 
 PASS_KINDS = ("forward", "forward_backward")
+T = TypeVar("T")
+# What a store write raises when the database cannot take it now (disk full, I/O error, a
+# lost connection): recording results is retried until it succeeds. Anything else is a bug.
+STORE_ERRORS = (SQLAlchemyError, OSError)
 
 
 class Executor(Protocol):
@@ -435,6 +441,10 @@ class ClockLoop:
         # Runs a restart still has to rebuild (recover(background=True)), in order: the
         # clock rebuilds one between cycles, or a run at once when work of it is claimed.
         self._pending_restore: dict[str, RunRecovery] = {}
+        # Recording a cycle's results that the store refused is retried after this many
+        # seconds, doubling up to the max (see _until_stored).
+        self.record_retry_s = 0.05
+        self.record_retry_max_s = 5.0
 
     def start(self) -> None:
         self._thread.start()
@@ -533,10 +543,11 @@ class ClockLoop:
             log.exception("sampler failed")
             res = P.SampleResult([P.OpResult(r.id, ok=False, error=f"sampler error: {e}")
                                   for r in claimed], active=0)
-        bodies = self.store.finish_many([  # one transaction for the chunk, as for a cycle
-            Outcome(op.request_id, result=op.result or {}) if op.ok
-            else Outcome(op.request_id, error=op.error or "failed", category=op.category)
-            for op in res.finished])
+        finished = [Outcome(op.request_id, result=op.result or {}) if op.ok
+                    else Outcome(op.request_id, error=op.error or "failed", category=op.category)
+                    for op in res.finished]
+        # One transaction for the chunk, as for a cycle; kept and retried on a store error.
+        bodies = self._until_stored("sample results", lambda: self.store.finish_many(finished))
         self._sampling_active = res.active
         if sample_plan.cancel:
             with self._cancel_lock:
@@ -675,7 +686,9 @@ class ClockLoop:
                 del self._splits[req.run_id]
             outcomes.append(Outcome(req.id, error="the engine returned no result for this "
                                     "request", category="server"))
-        bodies = self.store.finish_many(outcomes, cycle_id=cycle_id)  # one transaction
+        bodies = self._until_stored(  # one transaction; kept and retried on a store error
+            f"the results of cycle {cycle_id}",
+            lambda: self.store.finish_many(outcomes, cycle_id=cycle_id))
         ended = time.time()  # requests after this are the clients' answers, not misses
         self.notify(bodies)  # clients first, bookkeeping after
         active = time.monotonic()
@@ -691,9 +704,13 @@ class ClockLoop:
                 0.7 * self._tokens_per_s + 0.3 * rate)
             self._overhead_s = overhead if self._overhead_s is None else (
                 0.7 * self._overhead_s + 0.3 * overhead)
-        self.store.record_cycle(self.base_model, started, st.engine_ms, total_ms, st.runs,
-                                plan.num_ops, st.tokens, st.passes, cycle_id=cycle_id,
-                                run_work=run_work(plan, st), ended_at=ended)
+        try:  # statistics only: a store error here loses this cycle's row, nothing else
+            self.store.record_cycle(self.base_model, started, st.engine_ms, total_ms, st.runs,
+                                    plan.num_ops, st.tokens, st.passes, cycle_id=cycle_id,
+                                    run_work=run_work(plan, st), ended_at=ended)
+        except STORE_ERRORS as e:
+            log.warning("cycle %d of %s: its statistics row was not stored (%s: %s)",
+                        cycle_id, self.base_model, type(e).__name__, e)
         entry = CycleLog(cycle_id, self.base_model, st.runs, plan.num_ops, st.tokens, st.passes,
                          st.engine_ms, total_ms, dict(st.ops_by_kind), st.rss_mib,
                          st.heap_in_use_mib, split=len(self._splits))
@@ -702,6 +719,37 @@ class ClockLoop:
         finished = [r for r in claimed if r.id not in in_progress]
         self._snapshot_due_runs(plan, result, finished)
         return entry
+
+    def _until_stored(self, what: str, write: Callable[[], T]) -> T:
+        """Run a store write of finished work until the store accepts it.
+
+        The engine work is done and its results are in memory: a store error (disk full, say)
+        must neither lose them nor leave their requests `running` with futures that never
+        resolve. So retry with backoff (`record_retry_s` doubling up to `record_retry_max_s`),
+        logging once when the failure starts and once when it ends. Only this model's clock
+        waits; other models' clocks, /healthz and reads go on. A stop request ends the wait
+        (the requests stay `running`; the next start queues them again)."""
+        delay = self.record_retry_s
+        failing_since: float | None = None
+        tries = 0
+        while True:
+            try:
+                out = write()
+            except STORE_ERRORS as e:
+                tries += 1
+                if failing_since is None:
+                    failing_since = time.monotonic()
+                    log.error("recording %s of %s failed (%s: %s); the results are kept and "
+                              "recording is retried until the store accepts them", what,
+                              self.base_model, type(e).__name__, e)
+                if self._stop.wait(delay):
+                    raise
+                delay = min(2 * delay, self.record_retry_max_s)
+                continue
+            if failing_since is not None:
+                log.warning("recorded %s of %s after %.1f s of store errors (%d failed tries)",
+                            what, self.base_model, time.monotonic() - failing_since, tries)
+            return out
 
     def _specs_for(self, claimed: list[ClaimedRequest]) -> dict[str, P.AdapterSpec]:
         specs: dict[str, P.AdapterSpec] = {}
@@ -1046,16 +1094,20 @@ class ClockLoop:
             return {"model_id": req.run_id}
         if req.kind in ("save_weights", "save_weights_for_sampler"):
             ck = req.payload["checkpoint"]
-            self.store.add_checkpoint(CheckpointRow(
-                run_id=req.run_id, owner=req.payload["owner"], kind=ck["kind"], name=ck["name"],
-                directory=ck["directory"], base_model=req.payload["base_model_name"],
-                size_bytes=self._size_of(ck["directory"]),
-                ephemeral=bool(ck.get("ephemeral")), created_at=time.time()))
+            size = self._size_of(ck["directory"])
+            # A fresh row per try: a failed transaction leaves the one it was given detached.
+            self._until_stored(f"checkpoint {ck['name']!r}", lambda: self.store.add_checkpoint(
+                CheckpointRow(run_id=req.run_id, owner=req.payload["owner"], kind=ck["kind"],
+                              name=ck["name"], directory=ck["directory"],
+                              base_model=req.payload["base_model_name"], size_bytes=size,
+                              ephemeral=bool(ck.get("ephemeral")), created_at=time.time())))
             if ck.get("sampler_id"):
-                self.store.add_sampler(SamplerRow(
-                    id=ck["sampler_id"], session_id=ck["session_id"], owner=req.payload["owner"],
-                    base_model=req.payload["base_model_name"], canonical_model=self.base_model,
-                    model_path=None, checkpoint_dir=ck["directory"], created_at=time.time()))
+                self._until_stored(f"sampler {ck['sampler_id']!r}", lambda: self.store.add_sampler(
+                    SamplerRow(id=ck["sampler_id"], session_id=ck["session_id"],
+                               owner=req.payload["owner"],
+                               base_model=req.payload["base_model_name"],
+                               canonical_model=self.base_model, model_path=None,
+                               checkpoint_dir=ck["directory"], created_at=time.time())))
                 return {"path": None, "sampling_session_id": ck["sampler_id"]}
             return {"path": ck["path"]}
         if req.kind == "load_weights":
