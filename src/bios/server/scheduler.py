@@ -386,6 +386,8 @@ class ClockLoop:
                  unload_idle_s: float = 0.0, data_dir: str | Path | None = None,
                  cycle_tokens: int = 0, cycle_seconds: float = 0.0, split_tokens: int = 2048,
                  max_resident_runs: int = 0, max_resident_runs_per_tenant: int = 0,
+                 model_dims: P.ModelDims | None = None, max_resident_bytes: int = 0,
+                 max_resident_bytes_per_tenant: int = 0,
                  on_sample_progress: Callable[[dict[str, list[list[int]]]], None] | None = None):
         self.base_model = base_model
         self.store = store
@@ -425,6 +427,12 @@ class ClockLoop:
         self.max_resident_runs = max_resident_runs
         self.max_resident_runs_per_tenant = max_resident_runs_per_tenant
         self._owner: dict[str, str] = {}  # run -> tenant, for runs the clock has seen
+        # And at most this many bytes of runs' adapter weights + AdamW state (0: no bound),
+        # computed from each run's AdapterSpec and the model's dims (None: no bytes bound).
+        self.model_dims = model_dims
+        self.max_resident_bytes = max_resident_bytes
+        self.max_resident_bytes_per_tenant = max_resident_bytes_per_tenant
+        self._run_bytes: dict[str, int] = {}  # run -> its resident bytes (specs never change)
         # The cycle bound (0: none, every runnable request in one cycle): pass tokens per
         # cycle, and a target engine time per cycle, turned into tokens with the measured
         # throughput. Work past it carries over; requests over split_tokens are split.
@@ -1048,37 +1056,70 @@ class ClockLoop:
     def _make_room(self, needed: set[str]) -> list[str]:
         """Before a cycle that needs `needed` runs in the engine: unload least recently used
         idle runs (as idle unloading does) until the resident runs, with the needed ones
-        loaded, are within `max_resident_runs` and each tenant's within
-        `max_resident_runs_per_tenant`. Runs that cannot leave (pending gradients, queued
-        work) stay, so the bound may be passed until they can; returns the runs unloaded."""
+        loaded, are within `max_resident_runs` and `max_resident_bytes`, and each tenant's
+        within `max_resident_runs_per_tenant` and `max_resident_bytes_per_tenant`. Runs that
+        cannot leave (pending gradients, queued work) stay, so a bound may be passed until
+        they can; returns the runs unloaded."""
+        by_bytes = self.model_dims is not None and bool(
+            self.max_resident_bytes or self.max_resident_bytes_per_tenant)
         if self.state_dir is None or not (self.max_resident_runs
-                                          or self.max_resident_runs_per_tenant):
+                                          or self.max_resident_runs_per_tenant or by_bytes):
             return []
         after = self._resident | needed
-        over_total = (len(after) - self.max_resident_runs if self.max_resident_runs else 0)
-        per_tenant: dict[str, int] = {}
+        # What each bound is over by (> 0): runs, then bytes; overall, then per tenant.
+        over_runs = (len(after) - self.max_resident_runs if self.max_resident_runs else 0)
+        runs_of: dict[str, int] = {}
+        bytes_of: dict[str, int] = {}
         for run in after:
             t = self._owner.get(run, "")
-            per_tenant[t] = per_tenant.get(t, 0) + 1
+            runs_of[t] = runs_of.get(t, 0) + 1
+            if by_bytes:
+                bytes_of[t] = bytes_of.get(t, 0) + self.run_bytes(run)
         limit = self.max_resident_runs_per_tenant
-        over = {t: n - limit for t, n in per_tenant.items() if limit and n > limit}
-        if over_total <= 0 and not over:
+        over = {t: n - limit for t, n in runs_of.items() if limit and n > limit}
+        over_bytes = (sum(bytes_of.values()) - self.max_resident_bytes
+                      if by_bytes and self.max_resident_bytes else 0)
+        blimit = self.max_resident_bytes_per_tenant if by_bytes else 0
+        over_b = {t: n - blimit for t, n in bytes_of.items() if blimit and n > blimit}
+
+        def excess() -> bool:
+            return (over_runs > 0 or over_bytes > 0 or any(n > 0 for n in over.values())
+                    or any(n > 0 for n in over_b.values()))
+
+        if not excess():
             return []
         victims: list[str] = []
         for run in self._unloadable(exclude=needed):
             t = self._owner.get(run, "")
-            if over.get(t, 0) > 0 or over_total > 0:
+            if over_runs > 0 or over_bytes > 0 or over.get(t, 0) > 0 or over_b.get(t, 0) > 0:
+                size = self.run_bytes(run) if by_bytes else 0
                 victims.append(run)
                 over[t] = over.get(t, 0) - 1
-                over_total -= 1
-            if over_total <= 0 and all(n <= 0 for n in over.values()):
+                over_b[t] = over_b.get(t, 0) - size
+                over_runs -= 1
+                over_bytes -= size
+            if not excess():
                 break
         unload = self._unload(victims)
         if unload:
-            log.info("evicted %d least recently used runs of %s (resident bound %s, per "
-                     "tenant %s): %s", len(unload), self.base_model,
-                     self.max_resident_runs or "none", limit or "none", ", ".join(unload[:8]))
+            log.info("evicted %d least recently used runs of %s (resident bound %s runs, %s "
+                     "bytes; per tenant %s runs, %s bytes): %s", len(unload), self.base_model,
+                     self.max_resident_runs or "no", self.max_resident_bytes or "no",
+                     limit or "no", self.max_resident_bytes_per_tenant or "no",
+                     ", ".join(unload[:8]))
         return unload
+
+    def run_bytes(self, run_id: str) -> int:
+        """A run's resident bytes (fp32 adapter weights plus AdamW state, from its spec and
+        the model's dims; 0 without dims or for a run the store does not know)."""
+        if self.model_dims is None:
+            return 0
+        size = self._run_bytes.get(run_id)
+        if size is None:
+            row = self.store.get_run(run_id)
+            size = P.resident_bytes(self.model_dims, spec_of(row)) if row is not None else 0
+            self._run_bytes[run_id] = size
+        return size
 
     def _size_of(self, stored: str) -> int:
         """Bytes of the files in a checkpoint directory just written (0 if unreadable)."""

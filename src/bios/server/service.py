@@ -29,6 +29,7 @@ from bios.server.archives import (
 from bios.server.config import ServerConfig
 from bios.server.data_paths import DataDirExecutor, resolve, to_stored
 from bios.server.integrity import check_data_dir
+from bios.server.plan import ModelDims
 from bios.server.scheduler import ClockLoop
 from bios.server.store import (
     COMPLETED,
@@ -146,6 +147,9 @@ class BiosService:
                               cycle_seconds=cfg.cycle_seconds, split_tokens=pass_tokens,
                               max_resident_runs=cfg.max_resident_runs,
                               max_resident_runs_per_tenant=cfg.max_resident_runs_per_tenant,
+                              model_dims=ModelDims.from_info(executor.info()),
+                              max_resident_bytes=cfg.resident_bytes_bound,
+                              max_resident_bytes_per_tenant=cfg.max_resident_bytes_per_tenant,
                               on_sample_progress=self._sample_progress)
             limits = ModelLimits(int(hf["vocab_size"]), self.registry.context_length(canonical))
             self.models[canonical] = ServedModel(canonical, str(hf.get("model_type", "llama")),
