@@ -453,7 +453,9 @@ def test_from_model_dir_picks_hardware_defaults(tiny_model_dir):
     assert engine.device.type in ("cpu", "cuda")
     if engine.device.type == "cpu":
         assert engine.token_budget == 2048
-    assert engine.info() == {"arch": "llama", "vocab_size": 49152, "max_context_length": 2048}
+    assert engine.info() == {"arch": "llama", "vocab_size": 49152, "max_context_length": 2048,
+                             "hidden_size": 256, "intermediate_size": 688, "num_layers": 4,
+                             "q_dim": 256, "kv_dim": 128}
     results, _ = execute(engine, create("a", 4, 1), PassGroup(run_ops("a")), step("a"))
     assert all(r.ok for r in results.values())
 
