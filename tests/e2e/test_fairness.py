@@ -196,5 +196,9 @@ def test_resident_bytes_past_the_bound_evict_the_least_recently_used_run(tmp_pat
         assert server.log().count(f"reloaded run {r0.model_id}") == 1
         assert f": {r1.model_id}" in server.log()
         np.testing.assert_array_equal(after, before)
+        # An adapter that alone is over the bound (rank 16: four units) is a 413 at creation.
+        with pytest.raises(bios.APIStatusError) as e:
+            sc.create_lora_training_client(base_model=TINY, rank=16, seed=3)
+        assert e.value.status_code == 413 and "--max-resident-bytes" in str(e.value)
     finally:
         server.stop()
