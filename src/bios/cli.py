@@ -53,6 +53,8 @@ def _serve(args: argparse.Namespace) -> int:
             ("max_queued_tokens_per_tenant", args.max_queued_tokens_per_tenant),
             ("max_resident_runs", args.max_resident_runs),
             ("max_resident_runs_per_tenant", args.max_resident_runs_per_tenant),
+            ("max_resident_bytes", args.max_resident_bytes),
+            ("max_resident_bytes_per_tenant", args.max_resident_bytes_per_tenant),
             ("max_stored_bytes_per_tenant", args.max_stored_bytes_per_tenant),
             ("max_metadata_bytes", args.max_metadata_bytes),
             ("max_body_bytes", args.max_body_bytes),
@@ -168,6 +170,13 @@ def main(argv: list[str] | None = None) -> int:
                        help="the same bound per tenant; a tenant with this many runs holding "
                             "unapplied gradients gets a 429 creating another (default 32; "
                             "0 = unbounded)")
+    serve.add_argument("--max-resident-bytes", type=int, default=None, metavar="BYTES",
+                       help="bytes of runs' adapter weights plus AdamW state (fp32) kept in "
+                            "engine memory per base model; past it the least recently used "
+                            "idle runs are unloaded and reload on demand (default: half the "
+                            "host's memory; 0 = unbounded)")
+    serve.add_argument("--max-resident-bytes-per-tenant", type=int, default=None,
+                       metavar="BYTES", help="the same bound per tenant (default 0 = unbounded)")
     serve.add_argument("--max-stored-bytes-per-tenant", type=int, default=None, metavar="BYTES",
                        help="checkpoint bytes plus user_metadata one tenant may store; a save "
                             "past it gets a 413 (default 0 = unbounded)")

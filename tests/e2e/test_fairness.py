@@ -157,3 +157,48 @@ def test_resident_runs_past_the_bound_evict_the_least_recently_used_which_reload
         step(runs[0], 1)  # and it trains on
     finally:
         server.stop()
+
+
+def test_resident_bytes_past_the_bound_evict_the_least_recently_used_run(tmp_path) -> None:
+    """--max-resident-bytes of 3.5 rank-4 runs (fp32 adapter + AdamW, from the tiny model's
+    dims): two rank-4 runs fit; a rank-8 run (two units; three runs are within every count
+    bound) unloads the least recently used one, which reloads with the weights it left
+    with."""
+    import json
+
+    from test_crash_recovery import probe, step
+
+    from bios.server.plan import AdapterSpec, ModelDims, resident_bytes
+    from server_process import MODEL_CACHE
+
+    hf = json.loads((MODEL_CACHE / "bios--tiny-llama" / "config.json").read_text())
+    head = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+    dims = ModelDims(hf["hidden_size"], hf["intermediate_size"], hf["num_hidden_layers"],
+                     hf["num_attention_heads"] * head, hf["num_key_value_heads"] * head,
+                     hf["vocab_size"])
+    unit = resident_bytes(dims, AdapterSpec(rank=4, seed=0))
+    server = ServerProcess(tmp_path / "data", [TINY],
+                           extra_args=["--max-resident-bytes", str(unit * 7 // 2)]).start()
+    try:
+        sc = bios.ServiceClient(base_url=server.base_url)
+        r0, r1 = (sc.create_lora_training_client(base_model=TINY, rank=4, seed=s)
+                  for s in range(2))
+        step(r0, 0)
+        before = probe(r0)
+        step(r1, 0)
+        assert "least recently used" not in server.log()
+        r2 = sc.create_lora_training_client(base_model=TINY, rank=8, seed=2)
+        step(r2, 0)
+        log = server.log()
+        assert f"evicted 1 least recently used runs of {TINY}" in log
+        assert f"{unit * 7 // 2} bytes" in log and f": {r0.model_id}" in log
+        after = probe(r0)  # reloaded from its snapshot; r1 (now least recently used) leaves
+        assert server.log().count(f"reloaded run {r0.model_id}") == 1
+        assert f": {r1.model_id}" in server.log()
+        np.testing.assert_array_equal(after, before)
+        # An adapter that alone is over the bound (rank 16: four units) is a 413 at creation.
+        with pytest.raises(bios.APIStatusError) as e:
+            sc.create_lora_training_client(base_model=TINY, rank=16, seed=3)
+        assert e.value.status_code == 413 and "--max-resident-bytes" in str(e.value)
+    finally:
+        server.stop()

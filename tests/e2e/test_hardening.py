@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import sqlite3
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -165,6 +167,72 @@ def test_full_disk_is_a_507_and_reads_still_work(small_server: tuple[ServerProce
         filler.unlink()
     fut = r.ok("/forward_backward", r.fb(seq))  # space again: the same seq goes through
     assert "loss:sum" in r.wait(fut["request_id"])["metrics"]
+
+
+def fill(path: Path) -> None:
+    """Fill the disk under `path` to the last byte."""
+    with open(path, "wb", buffering=0) as f:
+        for block in (1 << 20, 4096, 1):
+            with contextlib.suppress(OSError):
+                while f.write(b"\0" * block):
+                    pass
+
+
+def test_disk_full_while_a_cycle_runs_records_its_results_once_space_returns(
+        tmp_path: Path) -> None:
+    """The disk fills while a cycle computes a long forward: the clock cannot record the
+    results, keeps them and retries, without stranding the request or running it again;
+    /healthz and reads answer meanwhile. Once space returns the future resolves with the
+    result a fresh identical forward gives."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("needs a tmpfs mount (root) to fill a disk for real")
+    proc = ServerProcess(mnt / "data", [TINY]).start()
+    filler = mnt / "filler"
+    try:
+        r = Run(proc, 1)
+        datums = [{"model_input": {"chunks": [{"tokens": [5 + (i * 7 + j) % 1000
+                                                          for j in range(1500)],
+                                               "type": "encoded_text"}]},
+                   "loss_fn_inputs": {"target_tokens": {
+                       "data": [6 + (i * 7 + j) % 1000 for j in range(1500)],
+                       "dtype": "int64"}}} for i in range(8)]  # 12k tokens: several cycles
+        body = {"model_id": r.id, "seq_id": 1, "forward_input": {
+            "loss_fn": "cross_entropy", "data": datums}}
+        fut = r.ok("/forward", body)["request_id"]
+        db = sqlite3.connect(mnt / "data" / "bios.db", timeout=30)
+        deadline = time.monotonic() + 300
+        while db.execute("SELECT status FROM requests WHERE id = ?", (fut,)).fetchone()[0] \
+                != "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        # No WAL frames left to reuse: every write the server makes now needs new blocks.
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        fill(filler)
+        failed = "recording the results of cycle"
+        while failed not in proc.log():
+            assert time.monotonic() < deadline, proc.log()[-3000:]
+            assert db.execute("SELECT status FROM requests WHERE id = ?",
+                              (fut,)).fetchone()[0] == "running", "recorded on a full disk"
+            time.sleep(0.05)
+        assert r.http.get("/healthz").status_code == 200
+        assert r.http.post("/retrieve_future", json={"request_id": fut}).json().get(
+            "type") == "try_again"
+        listing = r.http.get("/training_runs")
+        assert listing.status_code == 200 and listing.json()["training_runs"], listing.text
+        filler.unlink()
+        out = r.wait(fut)  # space again: the kept results are recorded
+        assert "recorded the results of cycle" in proc.log()
+        assert len(out["loss_fn_outputs"]) == 8
+        again = r.wait(r.ok("/forward", {**body, "seq_id": 2})["request_id"])
+        assert out["loss_fn_outputs"] == again["loss_fn_outputs"]
+        assert out["metrics"]["loss:sum"] == pytest.approx(again["metrics"]["loss:sum"])
+    finally:
+        filler.unlink(missing_ok=True)
+        proc.stop()
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 @pytest.mark.parametrize("tokens,target,what", [

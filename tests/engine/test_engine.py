@@ -453,7 +453,9 @@ def test_from_model_dir_picks_hardware_defaults(tiny_model_dir):
     assert engine.device.type in ("cpu", "cuda")
     if engine.device.type == "cpu":
         assert engine.token_budget == 2048
-    assert engine.info() == {"arch": "llama", "vocab_size": 49152, "max_context_length": 2048}
+    assert engine.info() == {"arch": "llama", "vocab_size": 49152, "max_context_length": 2048,
+                             "hidden_size": 256, "intermediate_size": 688, "num_layers": 4,
+                             "q_dim": 256, "kv_dim": 128}
     results, _ = execute(engine, create("a", 4, 1), PassGroup(run_ops("a")), step("a"))
     assert all(r.ok for r in results.values())
 
@@ -487,3 +489,15 @@ def test_a_request_split_across_cycles_equals_one_pass(small, loss_fn):
     execute(whole, step("a", 1))
     execute(split, step("a", 1))
     assert_close_all(weights(split, "a"), weights(whole, "a"))
+
+
+def test_info_reports_the_dims_that_size_an_adapter(small):
+    """The scheduler sizes adapters from info() (no torch there): the dims must be in it."""
+    from bios.server.plan import AdapterSpec, ModelDims, resident_bytes
+
+    engine = make_engine(small)
+    dims = ModelDims.from_info(engine.info())
+    assert dims == ModelDims(64, 176, 2, 64, 32, VOCAB)
+    spec = AdapterSpec(rank=4, seed=0, train_unembed=False)
+    assert resident_bytes(dims, spec) == 12 * 4 * 2 * ((64 + 64) + 2 * (64 + 32) + (64 + 64)
+                                                      + 3 * (64 + 176))

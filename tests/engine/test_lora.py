@@ -361,3 +361,19 @@ def test_unembedding_deltas_of_short_and_long_segments_match_the_dense_formula(t
                              torch.autograd.grad((want.float() * weight).sum(), leaves),
                              strict=True):
         torch.testing.assert_close(g_got, g_want, **tol)
+
+
+@pytest.mark.parametrize("spec", [AdapterSpec(rank=4, seed=0), AdapterSpec(rank=8, seed=0,
+                                  train_mlp=False), AdapterSpec(rank=2, seed=0,
+                                  train_attn=False, train_unembed=False)])
+def test_the_schedulers_adapter_size_is_the_engines(tiny_fp32, spec):
+    """plan.adapter_params (the scheduler's resident-bytes bound, no torch) counts the
+    parameters Adapter.init allocates, from the dims the engine reports in info()."""
+    from bios.server.plan import ModelDims, adapter_params
+
+    _, cfg = tiny_fp32
+    dims = ModelDims(cfg.hidden_size, cfg.intermediate_size, cfg.num_layers,
+                     cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim,
+                     cfg.vocab_size)
+    adapter = Adapter.init(cfg, spec, "cpu")
+    assert adapter_params(dims, spec) == sum(p.numel() for p in adapter.parameters())

@@ -120,10 +120,10 @@ class OutputEngine(FakeEngine):
         return f2
 
 
-def tenant_run(store: Store, run_id: str, owner: str) -> None:
+def tenant_run(store: Store, run_id: str, owner: str, rank: int = 4) -> None:
     now = time.time()
     store.create_run(RunRow(id=run_id, session_id="s", owner=owner, base_model=MODEL,
-                            canonical_model=MODEL, rank=4, seed=1, alpha=32.0, train_attn=True,
+                            canonical_model=MODEL, rank=rank, seed=1, alpha=32.0, train_attn=True,
                             train_mlp=True, train_unembed=False, user_metadata="{}",
                             created_at=now, last_request_time=now, next_seq=0),
                      {"wire": {"run": run_id}})
@@ -350,3 +350,72 @@ def test_runs_holding_gradients_are_counted_against_the_tenants_resident_bound(
     optim(store, "a1", "A", 2)
     drain(loop)
     assert loop.pinned_runs("A") == 1
+
+
+DIMS = P.ModelDims(hidden_size=8, intermediate_size=16, num_layers=2, q_dim=8, kv_dim=4,
+                   vocab_size=32)
+
+
+def test_resident_bytes_are_bounded_by_evicting_the_least_recently_used(
+        store: Store, tmp_path: Path) -> None:
+    """A bound by bytes (adapter fp32 weights + AdamW state, from each run's rank and the
+    model's dims) beside the bound by count: a rank-8 run weighs two rank-4 runs, so with room
+    for four rank-4 runs, a1, a2 (rank 4) and b (rank 8) fit, and c (rank 4) unloads the least
+    recently used one; per tenant, B's second run unloads its first."""
+    unit = P.resident_bytes(DIMS, P.AdapterSpec(rank=4, seed=1, train_unembed=False))
+    # attn (8+8)+2(8+4)+(8+8) + mlp 3(8+16) per layer, 2 layers, x rank 4, 12 bytes each
+    assert unit == 12 * 4 * 2 * (56 + 72)
+    for run, owner, rank in (("a1", "A", 4), ("a2", "A", 4), ("b", "B", 8), ("c", "C", 4),
+                             ("b2", "B", 4)):
+        tenant_run(store, run, owner, rank)
+    eng = OutputEngine()
+    loop = bounded_clock(store, eng, tmp_path / "state", cycle_tokens=0, model_dims=DIMS,
+                         max_resident_bytes=4 * unit, max_resident_bytes_per_tenant=2 * unit)
+    assert loop.run_bytes("b") == 2 * unit and loop.run_bytes("a1") == unit
+    seqs = dict.fromkeys(("a1", "a2", "b", "c", "b2"), 1)
+
+    def step(run: str, owner: str) -> None:
+        fb(store, run, owner, seqs[run], [[seqs[run], 2]])
+        optim(store, run, owner, seqs[run] + 1)
+        seqs[run] += 2
+        drain(loop)
+
+    loop.run_cycle()  # creates all five (over the bound until they can leave)
+    for run, owner in (("a1", "A"), ("a2", "A"), ("b", "B")):
+        step(run, owner)
+    assert sum(loop.run_bytes(r) for r in eng.runs) <= 4 * unit
+    step("a1", "A")
+    step("c", "C")  # a2 is the least recently used: it leaves, b stays
+    assert "c" in eng.runs and "a2" not in eng.runs and "b" in eng.runs
+    assert sum(loop.run_bytes(r) for r in eng.runs) <= 4 * unit
+    a1_two_steps = dict(eng.runs["a1"])  # a1 after the two steps a2 will have taken
+    step("a2", "A")  # a2 reloads from its snapshot; b is now the least recently used
+    assert "a2" in eng.runs and "b" not in eng.runs
+    assert sum(loop.run_bytes(r) for r in eng.runs) <= 4 * unit
+    assert eng.runs["a2"]["w"] == a1_two_steps["w"]  # same seed, same data: reloaded intact
+
+
+def test_resident_bytes_per_tenant_evict_the_tenants_own_runs(
+        store: Store, tmp_path: Path) -> None:
+    """Only a per-tenant bytes bound (2 units): tenant P's runs (rank 4 and rank 8: 3 units)
+    cannot both stay, whatever the other tenant does; Q's run stays although it is the
+    least recently used."""
+    unit = P.resident_bytes(DIMS, P.AdapterSpec(rank=4, seed=1, train_unembed=False))
+    for run, owner, rank in (("p1", "P", 4), ("p2", "P", 8), ("q", "Q", 4)):
+        tenant_run(store, run, owner, rank)
+    eng = OutputEngine()
+    loop = bounded_clock(store, eng, tmp_path / "state", cycle_tokens=0, model_dims=DIMS,
+                         max_resident_bytes_per_tenant=2 * unit)
+    loop.run_cycle()
+    seqs = dict.fromkeys(("p1", "p2", "q"), 1)
+
+    def step(run: str, owner: str) -> None:
+        fb(store, run, owner, seqs[run], [[seqs[run], 2]])
+        optim(store, run, owner, seqs[run] + 1)
+        seqs[run] += 2
+        drain(loop)
+
+    step("q", "Q")  # P holds 3 units: its least recently used run leaves
+    assert "q" in eng.runs and "p1" not in eng.runs and "p2" in eng.runs
+    step("p1", "P")  # p1 back: p2 leaves, not q (the least recently used overall)
+    assert "p1" in eng.runs and "p2" not in eng.runs and "q" in eng.runs

@@ -150,3 +150,58 @@ def test_clock_cycle_records_results_and_failures_alone(store: Store) -> None:
     assert loop.run_cycle() is None  # nothing left
     assert "cycle 1 model=m runs=1 ops=4" in entry.line()
 
+
+
+def test_a_store_error_recording_results_is_retried_until_the_store_accepts_them(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Disk full while the clock records a cycle's results: the finished results are kept
+    and recorded once the store takes writes again (the engine work is not run again), so
+    the requests complete with their results and their waiters are told; nothing stays
+    `running`."""
+    from sqlalchemy.exc import OperationalError
+
+    make_run(store, "r1")
+    ok = submit(store, "r1", 1)
+    real = store.finish_many
+    refused: list[int] = []
+
+    def full_disk(outcomes, cycle_id=None):  # type: ignore[no-untyped-def]
+        if any(o.request_id == ok for o in outcomes) and len(refused) < 3:
+            refused.append(1)
+            raise OperationalError("UPDATE requests", {}, Exception("database or disk is full"))
+        return real(outcomes, cycle_id=cycle_id)
+
+    monkeypatch.setattr(store, "finish_many", full_disk)
+    notified: list[str] = []
+    counter = iter(range(1, 100))
+    ex = RecordingExecutor()
+    loop = ClockLoop(base_model=MODEL, store=store, executor=ex, period=0,
+                     notify=notified.extend, cycle_ids=lambda: next(counter))
+    loop.record_retry_s = 0.01
+    entry = loop.run_cycle()
+    assert entry is not None and len(refused) == 3
+    row = store.get_request(ok)
+    assert row.status == COMPLETED and row.result is not None and "metrics" in row.result
+    assert ok in notified
+    assert len(ex.plans) == 1  # recorded, not run again
+    assert loop.run_cycle() is None
+
+
+def test_a_stop_ends_the_retries_and_leaves_the_requests_for_the_next_start(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    make_run(store, "r1")
+    ok = submit(store, "r1", 1)
+
+    def full_disk(outcomes, cycle_id=None):  # type: ignore[no-untyped-def]
+        loop._stop.set()  # a SIGTERM while the disk is full
+        raise OperationalError("UPDATE requests", {}, Exception("database or disk is full"))
+
+    monkeypatch.setattr(store, "finish_many", full_disk)
+    counter = iter(range(1, 100))
+    loop = ClockLoop(base_model=MODEL, store=store, executor=RecordingExecutor(), period=0,
+                     notify=lambda ids: None, cycle_ids=lambda: next(counter))
+    with pytest.raises(OperationalError):
+        loop.run_cycle()
+    assert store.get_request(ok).status == "running"  # the next start queues it again

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +49,10 @@ class ServerConfig:
     # snapshot) and reload on their next request.
     max_resident_runs: int = 64
     max_resident_runs_per_tenant: int = 32
+    # The same by bytes: resident runs' fp32 adapter weights plus AdamW state, per base model
+    # (None: half the host's physical memory; 0: unbounded) and per tenant (0: unbounded).
+    max_resident_bytes: int | None = None
+    max_resident_bytes_per_tenant: int = 0
     # Stored bytes per tenant: checkpoints plus user_metadata (0: unbounded; a save past it is
     # a 413), and the user_metadata of one session or run (413).
     max_stored_bytes_per_tenant: int = 0
@@ -76,11 +81,25 @@ class ServerConfig:
             raise ValueError("unload_idle_s must be >= 0 (0 = never unload)")
         if self.cycle_tokens is not None and self.cycle_tokens < 0:
             raise ValueError("cycle_tokens must be >= 0 (0 = no bound)")
+        if self.max_resident_bytes is not None and self.max_resident_bytes < 0:
+            raise ValueError("max_resident_bytes must be >= 0 (0 = unbounded)")
         for name in ("cycle_seconds", "max_resident_runs", "max_resident_runs_per_tenant",
+                     "max_resident_bytes_per_tenant",
                      "max_stored_bytes_per_tenant", "max_metadata_bytes",
                      "max_queued_tokens_per_tenant", "max_tokens_per_request"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
+
+    @property
+    def resident_bytes_bound(self) -> int:
+        """`max_resident_bytes`, with None resolved to half the host's physical memory
+        (0 where the host does not say)."""
+        if self.max_resident_bytes is not None:
+            return self.max_resident_bytes
+        try:
+            return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+        except (ValueError, OSError, AttributeError):
+            return 0
 
     @property
     def db_url(self) -> str:

@@ -29,6 +29,52 @@ class AdapterSpec:
     train_unembed: bool = True
 
 
+@dataclass(frozen=True)
+class ModelDims:
+    """The base model's dimensions that size a LoRA adapter (from the engine's `info()`)."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    q_dim: int  # num_heads * head_dim
+    kv_dim: int  # num_kv_heads * head_dim
+    vocab_size: int
+
+    @classmethod
+    def from_info(cls, info: dict[str, Any]) -> ModelDims | None:
+        """The dims in an engine's `info()`, or None if it lacks them."""
+        try:
+            return cls(*(int(info[k]) for k in ("hidden_size", "intermediate_size",
+                                                "num_layers", "q_dim", "kv_dim", "vocab_size")))
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+# Bytes per adapter parameter while a run is resident: its fp32 weight and AdamW's two fp32
+# moments (gradients come and go between optim steps, and are not counted).
+RESIDENT_BYTES_PER_PARAM = 12
+
+
+def adapter_params(dims: ModelDims, spec: AdapterSpec) -> int:
+    """The parameters of a LoRA adapter: rank x (in + out) for every module it trains (as
+    `engine.lora.target_shapes` lays them out)."""
+    h, m, q, kv = dims.hidden_size, dims.intermediate_size, dims.q_dim, dims.kv_dim
+    per_layer = 0
+    if spec.train_attn:  # q, k, v, o
+        per_layer += (h + q) + 2 * (h + kv) + (q + h)
+    if spec.train_mlp:  # gate, up, down
+        per_layer += 3 * (h + m)
+    total = per_layer * dims.num_layers
+    if spec.train_unembed:
+        total += h + dims.vocab_size
+    return spec.rank * total
+
+
+def resident_bytes(dims: ModelDims, spec: AdapterSpec) -> int:
+    """A resident run's bytes: its fp32 adapter weights plus AdamW state."""
+    return RESIDENT_BYTES_PER_PARAM * adapter_params(dims, spec)
+
+
 # ----------------------------------------------------------------------------- ops
 
 

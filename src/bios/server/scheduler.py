@@ -23,7 +23,9 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
+
+from sqlalchemy.exc import SQLAlchemyError
 
 from bios.server import plan as P
 from bios.server.data_paths import resolve, to_stored
@@ -42,6 +44,10 @@ from bios.server.store import (
 log = logging.getLogger("bios.scheduler")
 
 PASS_KINDS = ("forward", "forward_backward")
+T = TypeVar("T")
+# What a store write raises when the database cannot take it now (disk full, I/O error, a
+# lost connection): recording results is retried until it succeeds. Anything else is a bug.
+STORE_ERRORS = (SQLAlchemyError, OSError)
 
 
 class Executor(Protocol):
@@ -380,6 +386,8 @@ class ClockLoop:
                  unload_idle_s: float = 0.0, data_dir: str | Path | None = None,
                  cycle_tokens: int = 0, cycle_seconds: float = 0.0, split_tokens: int = 2048,
                  max_resident_runs: int = 0, max_resident_runs_per_tenant: int = 0,
+                 model_dims: P.ModelDims | None = None, max_resident_bytes: int = 0,
+                 max_resident_bytes_per_tenant: int = 0,
                  on_sample_progress: Callable[[dict[str, list[list[int]]]], None] | None = None):
         self.base_model = base_model
         self.store = store
@@ -419,6 +427,12 @@ class ClockLoop:
         self.max_resident_runs = max_resident_runs
         self.max_resident_runs_per_tenant = max_resident_runs_per_tenant
         self._owner: dict[str, str] = {}  # run -> tenant, for runs the clock has seen
+        # And at most this many bytes of runs' adapter weights + AdamW state (0: no bound),
+        # computed from each run's AdapterSpec and the model's dims (None: no bytes bound).
+        self.model_dims = model_dims
+        self.max_resident_bytes = max_resident_bytes
+        self.max_resident_bytes_per_tenant = max_resident_bytes_per_tenant
+        self._run_bytes: dict[str, int] = {}  # run -> its resident bytes (specs never change)
         # The cycle bound (0: none, every runnable request in one cycle): pass tokens per
         # cycle, and a target engine time per cycle, turned into tokens with the measured
         # throughput. Work past it carries over; requests over split_tokens are split.
@@ -435,6 +449,10 @@ class ClockLoop:
         # Runs a restart still has to rebuild (recover(background=True)), in order: the
         # clock rebuilds one between cycles, or a run at once when work of it is claimed.
         self._pending_restore: dict[str, RunRecovery] = {}
+        # Recording a cycle's results that the store refused is retried after this many
+        # seconds, doubling up to the max (see _until_stored).
+        self.record_retry_s = 0.05
+        self.record_retry_max_s = 5.0
 
     def start(self) -> None:
         self._thread.start()
@@ -533,10 +551,11 @@ class ClockLoop:
             log.exception("sampler failed")
             res = P.SampleResult([P.OpResult(r.id, ok=False, error=f"sampler error: {e}")
                                   for r in claimed], active=0)
-        bodies = self.store.finish_many([  # one transaction for the chunk, as for a cycle
-            Outcome(op.request_id, result=op.result or {}) if op.ok
-            else Outcome(op.request_id, error=op.error or "failed", category=op.category)
-            for op in res.finished])
+        finished = [Outcome(op.request_id, result=op.result or {}) if op.ok
+                    else Outcome(op.request_id, error=op.error or "failed", category=op.category)
+                    for op in res.finished]
+        # One transaction for the chunk, as for a cycle; kept and retried on a store error.
+        bodies = self._until_stored("sample results", lambda: self.store.finish_many(finished))
         self._sampling_active = res.active
         if sample_plan.cancel:
             with self._cancel_lock:
@@ -675,7 +694,9 @@ class ClockLoop:
                 del self._splits[req.run_id]
             outcomes.append(Outcome(req.id, error="the engine returned no result for this "
                                     "request", category="server"))
-        bodies = self.store.finish_many(outcomes, cycle_id=cycle_id)  # one transaction
+        bodies = self._until_stored(  # one transaction; kept and retried on a store error
+            f"the results of cycle {cycle_id}",
+            lambda: self.store.finish_many(outcomes, cycle_id=cycle_id))
         ended = time.time()  # requests after this are the clients' answers, not misses
         self.notify(bodies)  # clients first, bookkeeping after
         active = time.monotonic()
@@ -691,9 +712,13 @@ class ClockLoop:
                 0.7 * self._tokens_per_s + 0.3 * rate)
             self._overhead_s = overhead if self._overhead_s is None else (
                 0.7 * self._overhead_s + 0.3 * overhead)
-        self.store.record_cycle(self.base_model, started, st.engine_ms, total_ms, st.runs,
-                                plan.num_ops, st.tokens, st.passes, cycle_id=cycle_id,
-                                run_work=run_work(plan, st), ended_at=ended)
+        try:  # statistics only: a store error here loses this cycle's row, nothing else
+            self.store.record_cycle(self.base_model, started, st.engine_ms, total_ms, st.runs,
+                                    plan.num_ops, st.tokens, st.passes, cycle_id=cycle_id,
+                                    run_work=run_work(plan, st), ended_at=ended)
+        except STORE_ERRORS as e:
+            log.warning("cycle %d of %s: its statistics row was not stored (%s: %s)",
+                        cycle_id, self.base_model, type(e).__name__, e)
         entry = CycleLog(cycle_id, self.base_model, st.runs, plan.num_ops, st.tokens, st.passes,
                          st.engine_ms, total_ms, dict(st.ops_by_kind), st.rss_mib,
                          st.heap_in_use_mib, split=len(self._splits))
@@ -702,6 +727,37 @@ class ClockLoop:
         finished = [r for r in claimed if r.id not in in_progress]
         self._snapshot_due_runs(plan, result, finished)
         return entry
+
+    def _until_stored(self, what: str, write: Callable[[], T]) -> T:
+        """Run a store write of finished work until the store accepts it.
+
+        The engine work is done and its results are in memory: a store error (disk full, say)
+        must neither lose them nor leave their requests `running` with futures that never
+        resolve. So retry with backoff (`record_retry_s` doubling up to `record_retry_max_s`),
+        logging once when the failure starts and once when it ends. Only this model's clock
+        waits; other models' clocks, /healthz and reads go on. A stop request ends the wait
+        (the requests stay `running`; the next start queues them again)."""
+        delay = self.record_retry_s
+        failing_since: float | None = None
+        tries = 0
+        while True:
+            try:
+                out = write()
+            except STORE_ERRORS as e:
+                tries += 1
+                if failing_since is None:
+                    failing_since = time.monotonic()
+                    log.error("recording %s of %s failed (%s: %s); the results are kept and "
+                              "recording is retried until the store accepts them", what,
+                              self.base_model, type(e).__name__, e)
+                if self._stop.wait(delay):
+                    raise
+                delay = min(2 * delay, self.record_retry_max_s)
+                continue
+            if failing_since is not None:
+                log.warning("recorded %s of %s after %.1f s of store errors (%d failed tries)",
+                            what, self.base_model, time.monotonic() - failing_since, tries)
+            return out
 
     def _specs_for(self, claimed: list[ClaimedRequest]) -> dict[str, P.AdapterSpec]:
         specs: dict[str, P.AdapterSpec] = {}
@@ -1000,37 +1056,70 @@ class ClockLoop:
     def _make_room(self, needed: set[str]) -> list[str]:
         """Before a cycle that needs `needed` runs in the engine: unload least recently used
         idle runs (as idle unloading does) until the resident runs, with the needed ones
-        loaded, are within `max_resident_runs` and each tenant's within
-        `max_resident_runs_per_tenant`. Runs that cannot leave (pending gradients, queued
-        work) stay, so the bound may be passed until they can; returns the runs unloaded."""
+        loaded, are within `max_resident_runs` and `max_resident_bytes`, and each tenant's
+        within `max_resident_runs_per_tenant` and `max_resident_bytes_per_tenant`. Runs that
+        cannot leave (pending gradients, queued work) stay, so a bound may be passed until
+        they can; returns the runs unloaded."""
+        by_bytes = self.model_dims is not None and bool(
+            self.max_resident_bytes or self.max_resident_bytes_per_tenant)
         if self.state_dir is None or not (self.max_resident_runs
-                                          or self.max_resident_runs_per_tenant):
+                                          or self.max_resident_runs_per_tenant or by_bytes):
             return []
         after = self._resident | needed
-        over_total = (len(after) - self.max_resident_runs if self.max_resident_runs else 0)
-        per_tenant: dict[str, int] = {}
+        # What each bound is over by (> 0): runs, then bytes; overall, then per tenant.
+        over_runs = (len(after) - self.max_resident_runs if self.max_resident_runs else 0)
+        runs_of: dict[str, int] = {}
+        bytes_of: dict[str, int] = {}
         for run in after:
             t = self._owner.get(run, "")
-            per_tenant[t] = per_tenant.get(t, 0) + 1
+            runs_of[t] = runs_of.get(t, 0) + 1
+            if by_bytes:
+                bytes_of[t] = bytes_of.get(t, 0) + self.run_bytes(run)
         limit = self.max_resident_runs_per_tenant
-        over = {t: n - limit for t, n in per_tenant.items() if limit and n > limit}
-        if over_total <= 0 and not over:
+        over = {t: n - limit for t, n in runs_of.items() if limit and n > limit}
+        over_bytes = (sum(bytes_of.values()) - self.max_resident_bytes
+                      if by_bytes and self.max_resident_bytes else 0)
+        blimit = self.max_resident_bytes_per_tenant if by_bytes else 0
+        over_b = {t: n - blimit for t, n in bytes_of.items() if blimit and n > blimit}
+
+        def excess() -> bool:
+            return (over_runs > 0 or over_bytes > 0 or any(n > 0 for n in over.values())
+                    or any(n > 0 for n in over_b.values()))
+
+        if not excess():
             return []
         victims: list[str] = []
         for run in self._unloadable(exclude=needed):
             t = self._owner.get(run, "")
-            if over.get(t, 0) > 0 or over_total > 0:
+            if over_runs > 0 or over_bytes > 0 or over.get(t, 0) > 0 or over_b.get(t, 0) > 0:
+                size = self.run_bytes(run) if by_bytes else 0
                 victims.append(run)
                 over[t] = over.get(t, 0) - 1
-                over_total -= 1
-            if over_total <= 0 and all(n <= 0 for n in over.values()):
+                over_b[t] = over_b.get(t, 0) - size
+                over_runs -= 1
+                over_bytes -= size
+            if not excess():
                 break
         unload = self._unload(victims)
         if unload:
-            log.info("evicted %d least recently used runs of %s (resident bound %s, per "
-                     "tenant %s): %s", len(unload), self.base_model,
-                     self.max_resident_runs or "none", limit or "none", ", ".join(unload[:8]))
+            log.info("evicted %d least recently used runs of %s (resident bound %s runs, %s "
+                     "bytes; per tenant %s runs, %s bytes): %s", len(unload), self.base_model,
+                     self.max_resident_runs or "no", self.max_resident_bytes or "no",
+                     limit or "no", self.max_resident_bytes_per_tenant or "no",
+                     ", ".join(unload[:8]))
         return unload
+
+    def run_bytes(self, run_id: str) -> int:
+        """A run's resident bytes (fp32 adapter weights plus AdamW state, from its spec and
+        the model's dims; 0 without dims or for a run the store does not know)."""
+        if self.model_dims is None:
+            return 0
+        size = self._run_bytes.get(run_id)
+        if size is None:
+            row = self.store.get_run(run_id)
+            size = P.resident_bytes(self.model_dims, spec_of(row)) if row is not None else 0
+            self._run_bytes[run_id] = size
+        return size
 
     def _size_of(self, stored: str) -> int:
         """Bytes of the files in a checkpoint directory just written (0 if unreadable)."""
@@ -1046,16 +1135,20 @@ class ClockLoop:
             return {"model_id": req.run_id}
         if req.kind in ("save_weights", "save_weights_for_sampler"):
             ck = req.payload["checkpoint"]
-            self.store.add_checkpoint(CheckpointRow(
-                run_id=req.run_id, owner=req.payload["owner"], kind=ck["kind"], name=ck["name"],
-                directory=ck["directory"], base_model=req.payload["base_model_name"],
-                size_bytes=self._size_of(ck["directory"]),
-                ephemeral=bool(ck.get("ephemeral")), created_at=time.time()))
+            size = self._size_of(ck["directory"])
+            # A fresh row per try: a failed transaction leaves the one it was given detached.
+            self._until_stored(f"checkpoint {ck['name']!r}", lambda: self.store.add_checkpoint(
+                CheckpointRow(run_id=req.run_id, owner=req.payload["owner"], kind=ck["kind"],
+                              name=ck["name"], directory=ck["directory"],
+                              base_model=req.payload["base_model_name"], size_bytes=size,
+                              ephemeral=bool(ck.get("ephemeral")), created_at=time.time())))
             if ck.get("sampler_id"):
-                self.store.add_sampler(SamplerRow(
-                    id=ck["sampler_id"], session_id=ck["session_id"], owner=req.payload["owner"],
-                    base_model=req.payload["base_model_name"], canonical_model=self.base_model,
-                    model_path=None, checkpoint_dir=ck["directory"], created_at=time.time()))
+                self._until_stored(f"sampler {ck['sampler_id']!r}", lambda: self.store.add_sampler(
+                    SamplerRow(id=ck["sampler_id"], session_id=ck["session_id"],
+                               owner=req.payload["owner"],
+                               base_model=req.payload["base_model_name"],
+                               canonical_model=self.base_model, model_path=None,
+                               checkpoint_dir=ck["directory"], created_at=time.time())))
                 return {"path": None, "sampling_session_id": ck["sampler_id"]}
             return {"path": ck["path"]}
         if req.kind == "load_weights":

@@ -29,6 +29,7 @@ from bios.server.archives import (
 from bios.server.config import ServerConfig
 from bios.server.data_paths import DataDirExecutor, resolve, to_stored
 from bios.server.integrity import check_data_dir
+from bios.server.plan import AdapterSpec, ModelDims, resident_bytes
 from bios.server.scheduler import ClockLoop
 from bios.server.store import (
     COMPLETED,
@@ -146,6 +147,9 @@ class BiosService:
                               cycle_seconds=cfg.cycle_seconds, split_tokens=pass_tokens,
                               max_resident_runs=cfg.max_resident_runs,
                               max_resident_runs_per_tenant=cfg.max_resident_runs_per_tenant,
+                              model_dims=ModelDims.from_info(executor.info()),
+                              max_resident_bytes=cfg.resident_bytes_bound,
+                              max_resident_bytes_per_tenant=cfg.max_resident_bytes_per_tenant,
                               on_sample_progress=self._sample_progress)
             limits = ModelLimits(int(hf["vocab_size"]), self.registry.context_length(canonical))
             self.models[canonical] = ServedModel(canonical, str(hf.get("model_type", "llama")),
@@ -299,6 +303,7 @@ class BiosService:
         check_int(req.model_seq_id, "model_seq_id")
         run_id = f"{req.session_id}:train:{req.model_seq_id}"
         cfg = req.lora_config
+        self._check_resident_bytes(served, cfg)
         seed = cfg.seed if cfg.seed is not None else secrets.randbelow(2**31)
         now = time.time()
         run = RunRow(id=run_id, session_id=req.session_id, owner=owner,
@@ -313,6 +318,25 @@ class BiosService:
             raise APIError(409, str(e), "model_seq_id", "seq_conflict") from e
         served.clock.wake()
         return T.UntypedAPIFuture(request_id=rid, model_id=run_id)
+
+    def _check_resident_bytes(self, served: ServedModel, cfg: Any) -> None:
+        """A 413 for an adapter that alone is over a resident-bytes bound: no eviction can
+        make room for it."""
+        clock = served.clock
+        if clock.model_dims is None:
+            return
+        need = resident_bytes(clock.model_dims, AdapterSpec(
+            rank=cfg.rank, seed=0, train_attn=cfg.train_attn, train_mlp=cfg.train_mlp,
+            train_unembed=cfg.train_unembed))
+        for limit, flag in ((clock.max_resident_bytes, "--max-resident-bytes"),
+                            (clock.max_resident_bytes_per_tenant,
+                             "--max-resident-bytes-per-tenant")):
+            if limit and need > limit:
+                raise APIError(413, f"a rank-{cfg.rank} adapter on {served.canonical} needs "
+                               f"{need} bytes in engine memory (fp32 weights and AdamW state), "
+                               f"over this server's {flag} of {limit} bytes; use a lower "
+                               "lora_config.rank or train fewer modules (train_mlp, "
+                               "train_unembed)", "lora_config.rank", "resident_bytes")
 
     def get_info(self, owner: str, model_id: str) -> T.GetInfoResponse:
         run = self._owned_run(owner, model_id)

@@ -262,6 +262,12 @@ class Engine:
             "arch": self.config.arch,
             "vocab_size": self.config.vocab_size,
             "max_context_length": self.config.max_position_embeddings,
+            # What sizes an adapter (plan.ModelDims: the scheduler's resident-bytes bound).
+            "hidden_size": self.config.hidden_size,
+            "intermediate_size": self.config.intermediate_size,
+            "num_layers": self.config.num_layers,
+            "q_dim": self.config.num_heads * self.config.head_dim,
+            "kv_dim": self.config.num_kv_heads * self.config.head_dim,
         }
 
     def has_run(self, run_id: str) -> bool:
