@@ -19,19 +19,23 @@ from bios.cookbook.rewards import arithmetic_reward, exact_match, is_bare_intege
 from bios.cookbook.rollouts import rollout_datum, sampling_seed
 from bios.tokenizer import Tokenizer
 
-TOKENIZER_DIR = Path(__import__("os").environ.get(
-    "BIOS_TEST_MODEL_CACHE", Path(__file__).resolve().parents[2] / ".bios" / "test-model-cache")
-) / "bios--tiny-llama"
+
+@pytest.fixture(scope="module")
+def tiny_dir() -> Path:
+    """The tiny model's directory, built into the tests' shared model cache (the e2e servers'
+    cache) if it is not there yet."""
+    from bios.server.engine.registry import TINY_LLAMA, ModelRegistry
+    from server_process import MODEL_CACHE
+
+    return ModelRegistry(MODEL_CACHE).materialize(TINY_LLAMA)
 
 
 @pytest.fixture(scope="module")
-def hf_renderer() -> ChatRenderer:
+def hf_renderer(tiny_dir: Path) -> ChatRenderer:
     """The tiny model's tokenizer (SmolLM2's, with its chat template) through transformers."""
-    if not (TOKENIZER_DIR / "tokenizer.json").exists():
-        pytest.skip("the tiny model is not built yet (run tests/e2e once)")
     from transformers import AutoTokenizer
 
-    return ChatRenderer(AutoTokenizer.from_pretrained(str(TOKENIZER_DIR), local_files_only=True))
+    return ChatRenderer(AutoTokenizer.from_pretrained(str(tiny_dir), local_files_only=True))
 
 
 # ------------------------------------------------------------------ renderer
@@ -60,10 +64,11 @@ def test_supervised_datum_shifts_targets_and_weights(hf_renderer: ChatRenderer) 
     assert datum.loss_fn_inputs["weights"].tolist() == weights[1:]
 
 
-def test_chatml_fallback_matches_smollm2_template(hf_renderer: ChatRenderer) -> None:
+def test_chatml_fallback_matches_smollm2_template(hf_renderer: ChatRenderer,
+                                                  tiny_dir: Path) -> None:
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     assert chatml(messages, True) == hf_renderer.text(messages, add_generation_prompt=True)
-    plain = ChatRenderer(Tokenizer(TOKENIZER_DIR))  # the SDK's tokenizer: no chat template
+    plain = ChatRenderer(Tokenizer(tiny_dir))  # the SDK's tokenizer: no chat template
     assert plain.prompt_tokens(messages) == hf_renderer.prompt_tokens(messages)
     assert plain.end_of_turn == hf_renderer.end_of_turn
 
