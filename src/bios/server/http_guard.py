@@ -159,7 +159,7 @@ class RequestGuard:
                 body, rejection = await self._read_chunked(receive)
                 if body is None:
                     return  # disconnected
-                receive = _replay(body, receive)
+                receive = replay_body(body, receive)
                 if rejection is not None:
                     await self._reject_slot(scope, headers, rejection)
                     await rejection(scope, receive, send)
@@ -269,7 +269,7 @@ async def _drain(receive: Receive, limit: int) -> bool:
     return True
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
+def replay_body(body: bytes, receive: Receive) -> Receive:
     """A receive() that yields `body` once, then defers to the real one (disconnects)."""
     sent = False
 

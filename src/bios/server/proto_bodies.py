@@ -18,7 +18,7 @@ import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from bios.server.http_guard import error_response
+from bios.server.http_guard import error_response, replay_body
 from bios.server.validation import APIError
 from bios.server.wire_proto import PROTOBUF, ProtoDecodeError, decode_forward_backward, peek_ids
 
@@ -85,16 +85,7 @@ class ProtobufBodies:
                         (b"content-length", str(len(data)).encode())]
         path = FORWARD if forward_only else FORWARD_BACKWARD
         scope = {**scope, "path": path, "raw_path": path.encode(), "headers": new_headers}
-        sent = False
-
-        async def replay() -> Message:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": data, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replay_body(data, receive), send)
 
     def _decompress(self, body: bytes, encoding: str) -> bytes:
         encoding = encoding.strip().lower()
